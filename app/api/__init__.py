@@ -1,0 +1,13 @@
+"""The HTTP API: thin handlers over the pipeline, one module per resource."""
+
+from app.api import events, system, tokens
+from app.api.routing import RouteTable
+
+
+def build_route_table() -> RouteTable:
+    """Every API route, in one place; later features add their module's ROUTES here."""
+    table = RouteTable()
+    table.extend(system.ROUTES)
+    table.extend(tokens.ROUTES)
+    table.extend(events.ROUTES)
+    return table

@@ -1,0 +1,222 @@
+"""The route table: each route declared once; auth, validation and OpenAPI derive from it."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+from app.api.errors import ApiError
+from app.auth import Access, AuthError, Principal
+from app.services import Services
+
+PREFIX = "/api/update-pipeline"
+SERVICES = web.AppKey("services", Services)
+JSON = "application/json"
+EVENT_STREAM = "text/event-stream"
+_PATH_PARAM = re.compile(r"\{(\w+)\}")
+_BEARER = re.compile(r"^Bearer\s+(\S+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParam:
+    name: str
+    schema: Mapping[str, Any]
+    description: str
+    required: bool = False
+
+
+@dataclass(slots=True)
+class Call:
+    """What a handler gets: the request already authenticated, parsed and validated."""
+
+    request: web.Request
+    services: Services
+    principal: Principal | None
+    path: dict[str, str]
+    query: dict[str, Any]
+    body: Any
+
+
+Handler = Callable[[Call], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str  # below PREFIX, with {name} placeholders
+    access: Access
+    handler: Handler
+    operation_id: str
+    summary: str
+    response: Mapping[str, Any] | None  # schema of the success body (None: no body)
+    status: int = 200
+    request: Mapping[str, Any] | None = None
+    query: tuple[QueryParam, ...] = ()
+    errors: Mapping[int, str] = field(default_factory=dict)  # statuses beyond the automatic
+    content_type: str = JSON
+    description: str = ""
+    tag: str = "pipeline"
+
+    @property
+    def full_path(self) -> str:
+        return PREFIX + self.path
+
+    @property
+    def path_params(self) -> list[str]:
+        return _PATH_PARAM.findall(self.path)
+
+
+class RouteTable:
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+
+    def add(self, route: Route) -> Route:
+        if not isinstance(route.access, Access):
+            raise TypeError(f"route {route.method} {route.path} must declare who may call it")
+        if any((r.method, r.path) == (route.method, route.path) for r in self.routes):
+            raise ValueError(f"route {route.method} {route.path} is declared twice")
+        if any(r.operation_id == route.operation_id for r in self.routes):
+            raise ValueError(f"operation id {route.operation_id} is used twice")
+        self.routes.append(route)
+        return route
+
+    def extend(self, routes: list[Route]) -> None:
+        for route in routes:
+            self.add(route)
+
+    def install(self, app: web.Application) -> None:
+        for route in self.routes:
+            app.router.add_route(route.method, route.full_path, _endpoint(route))
+
+
+def statuses(route: Route) -> dict[int, str]:
+    """Every status a route can answer with, derived from what it declares."""
+    found = {route.status: "Success."}
+    if route.request is not None or route.query or route.path_params:
+        found[400] = "The request is malformed or fails validation."
+    if route.access is not Access.PUBLIC:
+        found[401] = "No valid bearer token (missing, unknown, revoked or expired)."
+        found[403] = f"The token's role may not call this route (needs {route.access.value})."
+    if route.request is not None:
+        found[413] = "The body is larger than UPDATE_PIPELINE_MAX_BODY_BYTES."
+    found.update(route.errors)
+    found[500] = "Unexpected server error; the body carries a request id."
+    return found
+
+
+def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    body_validator = Draft202012Validator(route.request) if route.request is not None else None
+    query_validators = {q.name: Draft202012Validator(q.schema) for q in route.query}
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        services = request.app[SERVICES]
+        principal = None
+        if route.access is not Access.PUBLIC:
+            principal = await _authenticate(request, services)
+            if not route.access.allows(principal.role):
+                raise ApiError(
+                    403,
+                    "FORBIDDEN",
+                    f"a {principal.role.value} token may not call {route.method} {route.path}",
+                )
+        query = _parse_query(route, request, query_validators)
+        body = None
+        if body_validator is not None:
+            body = await read_json(request, services.settings.max_body_bytes)
+            _validate(body_validator, body, "body")
+        call = Call(request, services, principal, dict(request.match_info), query, body)
+        return await route.handler(call)
+
+    endpoint.__name__ = route.operation_id
+    return endpoint
+
+
+async def _authenticate(request: web.Request, services: Services) -> Principal:
+    challenge = {"WWW-Authenticate": 'Bearer realm="update-pipeline"'}
+    match = _BEARER.match(request.headers.get("Authorization", ""))
+    if not match:
+        raise ApiError(401, "UNAUTHORIZED", "missing bearer token", headers=challenge)
+    try:
+        return await services.tokens.authenticate(match[1])
+    except AuthError as exc:
+        raise ApiError(401, "UNAUTHORIZED", str(exc), headers=challenge) from None
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    too_large = ApiError(413, "PAYLOAD_TOO_LARGE", f"request body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(65536):
+        data += chunk
+        if len(data) > limit:
+            raise too_large
+    if not data.strip():
+        raise ApiError(400, "INVALID_JSON", "request body is empty; a JSON document is expected")
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError:
+        raise ApiError(400, "INVALID_JSON", "request body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400,
+            "INVALID_JSON",
+            f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+        ) from None
+
+
+def _parse_query(
+    route: Route, request: web.Request, validators: Mapping[str, Draft202012Validator]
+) -> dict[str, Any]:
+    known = {q.name for q in route.query}
+    unknown = sorted(set(request.query) - known)
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        raise ApiError(
+            400, "INVALID_QUERY", f"unknown query parameter {unknown[0]!r} (allowed: {allowed})"
+        )
+    values: dict[str, Any] = {}
+    for param in route.query:
+        raw = request.query.getall(param.name, [])
+        if not raw:
+            if param.required:
+                raise ApiError(400, "INVALID_QUERY", f"query parameter {param.name!r} is required")
+            continue
+        value: Any = raw if param.schema.get("type") == "array" else raw[-1]
+        value = _coerce(value, param.schema)
+        _validate(validators[param.name], value, f"query parameter {param.name!r}")
+        values[param.name] = value
+    return values
+
+
+def _coerce(value: Any, schema: Mapping[str, Any]) -> Any:
+    kind = schema.get("type")
+    if isinstance(value, list):
+        items = schema.get("items", {})
+        return [_coerce(v, items) for v in value]
+    if kind == "integer" and re.fullmatch(r"-?\d{1,18}", value):
+        return int(value)
+    if kind == "boolean" and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    return value
+
+
+def _validate(validator: Draft202012Validator, value: Any, where: str) -> None:
+    error: ValidationError | None = best_match(validator.iter_errors(value))
+    if error is None:
+        return
+    location = where + "".join(
+        f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
+    )
+    message = error.message if len(error.message) <= 300 else error.message[:297] + "..."
+    raise ApiError(400, "VALIDATION_FAILED", f"{location}: {message}")
+
+
+OPENAPI = web.AppKey("openapi", dict)

@@ -1,0 +1,256 @@
+"""Settings: read from the environment once at start, validated, immutable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_DURATION_UNITS = {
+    "ms": timedelta(milliseconds=1),
+    "s": timedelta(seconds=1),
+    "m": timedelta(minutes=1),
+    "h": timedelta(hours=1),
+    "d": timedelta(days=1),
+}
+DURATION_HELP = "a duration such as 500ms, 30s, 10m, 2h, 3d (or combined, like 1h30m)"
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; each message names its variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def parse_duration(text: str, *, bare_unit: str | None = None) -> timedelta:
+    """Parse the one duration syntax every setting and command uses.
+
+    ``bare_unit`` lets variables whose name already carries a unit (the design's
+    ``UPDATE_PIPELINE_POLL_INTERVAL_MS``) keep accepting a plain number.
+    """
+    value = text.strip()
+    if bare_unit is not None and value.isdigit():
+        return int(value) * _DURATION_UNITS[bare_unit]
+    if not value or _DURATION_PART.sub("", value) != "":
+        raise ValueError(f"{text!r} is not {DURATION_HELP}")
+    total = timedelta()
+    seen: set[str] = set()
+    for number, unit in _DURATION_PART.findall(value):
+        if unit in seen:
+            raise ValueError(f"{text!r} repeats the unit {unit!r}")
+        seen.add(unit)
+        total += int(number) * _DURATION_UNITS[unit]
+    return total
+
+
+def format_duration(delta: timedelta) -> str:
+    """The inverse of parse_duration, largest units first (``1h30m``)."""
+    ms = int(delta.total_seconds() * 1000)
+    if ms == 0:
+        return "0s"
+    parts = []
+    for unit in ("d", "h", "m", "s", "ms"):
+        size = int(_DURATION_UNITS[unit].total_seconds() * 1000)
+        count, ms = divmod(ms, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true, false, 1 or 0)")
+
+
+class Secret:
+    """A string that never shows itself in repr, str, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    enabled: bool = False
+    auto_canary: bool = False
+    polling: bool = False
+    poll_interval: timedelta = timedelta(hours=1)
+    db_path: Path = Path("update-pipeline.db")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1024 * 1024
+    shutdown_timeout: timedelta = timedelta(seconds=30)
+    log_format: str = "text"
+    log_level: str = "INFO"
+    github_app_id: int | None = None
+    github_private_key: Secret | None = None
+    github_webhook_secret: Secret | None = None
+    github_client_id: str | None = None
+    github_client_secret: Secret | None = None
+    github_api_url: str = "https://api.github.com"
+    github_web_url: str = "https://github.com"
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def secrets(self) -> list[str]:
+        """Every secret value, so the log filter can scrub them wherever they appear."""
+        found = [self.github_webhook_secret, self.github_client_secret, self.github_private_key]
+        return [s.reveal() for s in found if s is not None and s.reveal()]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        return _Reader(os.environ if env is None else env).settings()
+
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _Reader:
+    """Collects every problem at once, so an operator fixes them in one pass."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self.env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            self.problems.append(f"{name}: {exc}")
+            return default
+
+    def settings(self) -> Settings:
+        d = Settings()
+        key = self._private_key()
+        values = Settings(
+            enabled=self.get("UPDATE_PIPELINE_ENABLED", parse_bool, d.enabled),
+            auto_canary=self.get("UPDATE_PIPELINE_AUTO_CANARY", parse_bool, d.auto_canary),
+            polling=self.get("UPDATE_PIPELINE_POLLING", parse_bool, d.polling),
+            poll_interval=self.get(
+                "UPDATE_PIPELINE_POLL_INTERVAL_MS", _positive_duration_ms, d.poll_interval
+            ),
+            db_path=self.get("UPDATE_PIPELINE_DB", Path, d.db_path),
+            host=self.get("UPDATE_PIPELINE_HOST", str.strip, d.host),
+            port=self.get("UPDATE_PIPELINE_PORT", parse_port, d.port),
+            max_body_bytes=self.get(
+                "UPDATE_PIPELINE_MAX_BODY_BYTES", _body_limit, d.max_body_bytes
+            ),
+            shutdown_timeout=self.get(
+                "UPDATE_PIPELINE_SHUTDOWN_TIMEOUT", parse_duration, d.shutdown_timeout
+            ),
+            log_format=self.get("UPDATE_PIPELINE_LOG_FORMAT", _choice(LOG_FORMATS), d.log_format),
+            log_level=self.get(
+                "UPDATE_PIPELINE_LOG_LEVEL", _choice(LOG_LEVELS, upper=True), d.log_level
+            ),
+            github_app_id=self.get("GITHUB_APP_ID", _app_id, d.github_app_id),
+            github_private_key=key,
+            github_webhook_secret=self.get("GITHUB_WEBHOOK_SECRET", Secret, None),
+            github_client_id=self.get("GITHUB_CLIENT_ID", str.strip, None),
+            github_client_secret=self.get("GITHUB_CLIENT_SECRET", Secret, None),
+            github_api_url=self.get("GITHUB_API_URL", _base_url, d.github_api_url),
+            github_web_url=self.get("GITHUB_WEB_URL", _base_url, d.github_web_url),
+        )
+        if self.problems:
+            raise ConfigError(self.problems)
+        return values
+
+    def _private_key(self) -> Secret | None:
+        inline = self.env.get("GITHUB_PRIVATE_KEY", "").strip()
+        path = self.env.get("GITHUB_PRIVATE_KEY_PATH", "").strip()
+        if inline and path:
+            self.problems.append(
+                "GITHUB_PRIVATE_KEY and GITHUB_PRIVATE_KEY_PATH are both set: use only one"
+            )
+            return None
+        if inline:
+            # Many secret stores cannot hold newlines, so a literal \n is accepted.
+            return Secret(inline.replace("\\n", "\n"))
+        if path:
+            try:
+                return Secret(Path(path).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                self.problems.append(f"GITHUB_PRIVATE_KEY_PATH: cannot read {path}: {reason}")
+        return None
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a port number (0 to 65535)") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
+def _positive_duration_ms(text: str) -> timedelta:
+    value = parse_duration(text, bare_unit="ms")
+    if value <= timedelta(0):
+        raise ValueError(f"{text!r} must be greater than zero")
+    return value
+
+
+def _body_limit(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1024:
+        raise ValueError(f"{text!r} is not a byte count of at least 1024")
+    return int(text)
+
+
+def _app_id(text: str) -> int:
+    if not text.strip().isdigit() or int(text) == 0:
+        raise ValueError(f"{text!r} is not a GitHub App id (a positive integer)")
+    return int(text)
+
+
+def _base_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    return text.strip().rstrip("/")
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().upper() if upper else text.strip().lower()
+        if value not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+        return value
+
+    return parse

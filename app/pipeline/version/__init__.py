@@ -1,0 +1,1 @@
+"""Runtime versions: providers, semantic-version ordering (and, later, the VersionWatcher)."""

@@ -1,0 +1,109 @@
+"""The aiohttp application factory and the serve lifecycle (start-up, signals, shutdown)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from app.api import build_route_table
+from app.api.errors import error_middleware
+from app.api.openapi import build_openapi
+from app.api.routing import OPENAPI, SERVICES
+from app.clock import Clock
+from app.config import Settings
+from app.logs import get_logger
+from app.pipeline import Component, UpdatePipeline
+from app.services import Services
+from app.store import InstanceLock, SqliteStore
+
+log = get_logger("server")
+
+
+def create_app(services: Services) -> web.Application:
+    app = web.Application(middlewares=[error_middleware])
+    app[SERVICES] = services
+    table = build_route_table()
+    table.install(app)
+    app[OPENAPI] = build_openapi(table)
+
+    async def end_streams(_: web.Application) -> None:
+        # Live event streams never finish by themselves; end them so shutdown need
+        # not wait out the grace period. Clients resume with Last-Event-ID.
+        services.bus.close_all()
+
+    app.on_shutdown.append(end_streams)
+    return app
+
+
+async def start_pipeline(services: Services, components: Sequence[Component] = ()) -> None:
+    """Start the pipeline if enabled. A failure is logged and leaves the API up with the
+    pipeline off (design section 9.2); /ready and /status report it."""
+    if not services.settings.enabled:
+        log.info("pipeline disabled (set UPDATE_PIPELINE_ENABLED=true to enable)")
+        return
+    pipeline = UpdatePipeline(
+        services.settings, services.store, services.bus, services.clock, components
+    )
+    try:
+        await pipeline.start()
+    except Exception as exc:
+        log.exception("pipeline failed to start; serving the API with the pipeline disabled")
+        services.pipeline_error = f"{type(exc).__name__}: {exc}"
+        return
+    services.pipeline = pipeline
+
+
+async def serve(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    components: Sequence[Component] = (),
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT (or ``stop`` is set), then shut down in order:
+    stop accepting, finish in-flight requests, stop the pipeline, close the database."""
+    lock = InstanceLock(settings.db_path)
+    lock.acquire()
+    try:
+        store = await SqliteStore.open(settings.db_path)
+        try:
+            services = Services.build(settings, store, clock or Clock())
+            await start_pipeline(services, components)
+            await _run_http(services, stop or _signal_event())
+        finally:
+            await store.close()
+    finally:
+        lock.release()
+    log.info("shutdown complete")
+
+
+def _signal_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _run_http(services: Services, stop: asyncio.Event) -> None:
+    settings = services.settings
+    timeout = settings.shutdown_timeout.total_seconds()
+    runner = web.AppRunner(create_app(services), shutdown_timeout=timeout, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        for address in runner.addresses:
+            log.info("listening on http://%s:%s", *address[:2])
+        await stop.wait()
+        log.info("stopping: no new connections, finishing requests in flight")
+    finally:
+        await runner.cleanup()
+        if services.pipeline is not None:
+            try:
+                await asyncio.wait_for(services.pipeline.stop(), timeout)
+            except TimeoutError:
+                log.error("pipeline did not stop within %.0fs; exiting anyway", timeout)

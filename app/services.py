@@ -1,0 +1,29 @@
+"""The long-lived objects a running server shares: settings, store, clock, bus, pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.auth import TokenService
+from app.clock import Clock
+from app.config import Settings
+from app.pipeline import UpdatePipeline
+from app.pipeline.events import EventBus
+from app.store import Store
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    clock: Clock
+    bus: EventBus
+    tokens: TokenService
+    pipeline: UpdatePipeline | None = None
+    # Why an enabled pipeline is not running (its start failed), for /ready and /status.
+    pipeline_error: str | None = None
+    sse_keepalive_seconds: float = 15.0
+
+    @classmethod
+    def build(cls, settings: Settings, store: Store, clock: Clock) -> Services:
+        return cls(settings, store, clock, EventBus(store, clock), TokenService(store, clock))

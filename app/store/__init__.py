@@ -1,0 +1,31 @@
+"""Persistence: every SQL statement of the app lives in this package."""
+
+from app.store.base import (
+    BuildRecord,
+    Conflict,
+    EventRecord,
+    NewToken,
+    RolloutRecord,
+    RuntimeVersionRecord,
+    StatusCounts,
+    Store,
+    StoreError,
+    TokenRecord,
+)
+from app.store.lock import InstanceLock
+from app.store.sqlite import SqliteStore
+
+__all__ = [
+    "BuildRecord",
+    "Conflict",
+    "EventRecord",
+    "InstanceLock",
+    "NewToken",
+    "RolloutRecord",
+    "RuntimeVersionRecord",
+    "SqliteStore",
+    "StatusCounts",
+    "Store",
+    "StoreError",
+    "TokenRecord",
+]

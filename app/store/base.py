@@ -1,0 +1,125 @@
+"""The store's interface and the records it hands out. Domain code depends on this only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """The database cannot be used (locked by another instance, too new, unreadable)."""
+
+
+class Conflict(Exception):
+    """A unique key is already taken; ``key`` names the clashing value."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class NewToken:
+    name: str
+    role: str
+    token_hash: str
+    org_id: str | None
+    created_at: datetime
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    id: int
+    name: str
+    role: str
+    token_hash: str
+    org_id: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    id: int
+    type: str
+    created_at: datetime
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeVersionRecord:
+    provider_id: str
+    version: str
+    released_at: datetime
+    source_url: str | None = None
+    canary_passed: bool = False
+    canary_passed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BuildRecord:
+    build_id: str
+    runner_version: str
+    built_at: datetime
+    runtime_versions: Mapping[str, str] = field(default_factory=dict)
+    known_good_for: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRecord:
+    rollout_id: str
+    target_build_id: str
+    channel: str
+    state: str
+    current_percentage: int
+    started_at: datetime
+    last_updated_at: datetime
+    affected_org_ids: Sequence[str] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCounts:
+    """What ``GET /status`` is computed from, read in one consistent snapshot."""
+
+    active_canaries: int
+    active_rollouts: int
+    active_sweeps: int
+    versions: Mapping[str, Sequence[str]]
+    recommended_builds: Mapping[str, str]
+
+
+class Store(Protocol):
+    """Everything the app persists. All SQL lives behind this interface."""
+
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+    async def schema_version(self) -> int: ...
+
+    # API tokens
+    async def add_tokens(self, tokens: Sequence[NewToken]) -> list[TokenRecord]: ...
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None: ...
+    async def list_tokens(self, *, include_revoked: bool = False) -> list[TokenRecord]: ...
+    async def revoke_token(self, name: str, at: datetime) -> TokenRecord | None: ...
+    async def touch_token(self, token_id: int, at: datetime) -> None: ...
+
+    # Event log
+    async def append_event(
+        self, type: str, data: Mapping[str, Any], at: datetime, *, keep: int
+    ) -> EventRecord: ...
+    async def list_events(
+        self, *, types: Sequence[str] = (), before_id: int | None = None, limit: int = 50
+    ) -> list[EventRecord]: ...
+    async def events_after(self, after_id: int, *, limit: int = 500) -> list[EventRecord]: ...
+
+    # Design section 5.2 models
+    async def record_runtime_version(self, version: RuntimeVersionRecord, at: datetime) -> bool: ...
+    async def add_build(self, build: BuildRecord, at: datetime) -> None: ...
+    async def add_rollout(self, rollout: RolloutRecord, at: datetime) -> None: ...
+    async def set_recommended_build(self, channel: str, build_id: str, at: datetime) -> None: ...
+    async def status_counts(self, providers: Sequence[str]) -> StatusCounts: ...

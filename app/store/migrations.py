@@ -1,0 +1,118 @@
+"""Versioned schema migrations. Append only: a released migration is never edited."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial schema",
+        """
+        -- Design section 5.2: RuntimeVersion.
+        CREATE TABLE runtime_versions (
+            id               TEXT PRIMARY KEY,
+            provider_id      TEXT NOT NULL,
+            version          TEXT NOT NULL,
+            released_at      TEXT NOT NULL,
+            source_url       TEXT,
+            canary_passed    INTEGER NOT NULL DEFAULT 0 CHECK (canary_passed IN (0, 1)),
+            canary_passed_at TEXT,
+            created_at       TEXT NOT NULL,
+            UNIQUE (provider_id, version)
+        );
+        CREATE INDEX runtime_versions_provider ON runtime_versions (provider_id);
+
+        -- Design section 5.2: RunnerBuild. JSON columns hold objects and lists.
+        CREATE TABLE runner_builds (
+            id               TEXT PRIMARY KEY,
+            build_id         TEXT NOT NULL UNIQUE,
+            runner_version   TEXT NOT NULL,
+            built_at         TEXT NOT NULL,
+            runtime_versions TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(runtime_versions)),
+            known_good_for   TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(known_good_for)),
+            created_at       TEXT NOT NULL
+        );
+
+        -- Design section 5.2: ActiveRollout.
+        CREATE TABLE active_rollouts (
+            id                 TEXT PRIMARY KEY,
+            rollout_id         TEXT NOT NULL UNIQUE,
+            target_build_id    TEXT NOT NULL REFERENCES runner_builds (build_id),
+            channel            TEXT NOT NULL,
+            state              TEXT NOT NULL CHECK (state IN
+                ('pending', 'rolling_out', 'paused', 'completed', 'rolled_back')),
+            current_percentage INTEGER NOT NULL DEFAULT 0
+                CHECK (current_percentage BETWEEN 0 AND 100),
+            started_at         TEXT NOT NULL,
+            last_updated_at    TEXT NOT NULL,
+            affected_org_ids   TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(affected_org_ids)),
+            error              TEXT,
+            created_at         TEXT NOT NULL
+        );
+        CREATE INDEX active_rollouts_channel ON active_rollouts (channel);
+        CREATE INDEX active_rollouts_state ON active_rollouts (state);
+
+        -- The known-good registry's recommendation per channel (stable, beta).
+        CREATE TABLE recommended_builds (
+            channel    TEXT PRIMARY KEY,
+            build_id   TEXT NOT NULL REFERENCES runner_builds (build_id),
+            updated_at TEXT NOT NULL
+        );
+
+        -- One canary run per build; later migrations add what the canary records.
+        CREATE TABLE canary_runs (
+            id           TEXT PRIMARY KEY,
+            build_id     TEXT NOT NULL REFERENCES runner_builds (build_id),
+            state        TEXT NOT NULL CHECK (state IN
+                ('pending', 'running', 'passed', 'failed', 'errored')),
+            started_at   TEXT,
+            completed_at TEXT,
+            created_at   TEXT NOT NULL
+        );
+        CREATE INDEX canary_runs_state ON canary_runs (state);
+
+        -- Post-update sweeps; later migrations add their per-repository runs.
+        CREATE TABLE sweeps (
+            id           TEXT PRIMARY KEY,
+            state        TEXT NOT NULL CHECK (state IN
+                ('pending', 'running', 'completed', 'failed', 'cancelled')),
+            created_at   TEXT NOT NULL,
+            completed_at TEXT
+        );
+        CREATE INDEX sweeps_state ON sweeps (state);
+
+        -- API tokens: only the SHA-256 of the secret is kept.
+        CREATE TABLE api_tokens (
+            id           INTEGER PRIMARY KEY,
+            name         TEXT NOT NULL,
+            token_hash   TEXT NOT NULL UNIQUE,
+            role         TEXT NOT NULL CHECK (role IN ('admin', 'viewer', 'runner')),
+            org_id       TEXT,
+            created_at   TEXT NOT NULL,
+            expires_at   TEXT,
+            last_used_at TEXT,
+            revoked_at   TEXT
+        );
+        -- A name belongs to one live token; revoked ones stay for the audit trail.
+        CREATE UNIQUE INDEX api_tokens_live_name ON api_tokens (name) WHERE revoked_at IS NULL;
+
+        -- The event log (design section 5.1), pruned to the newest entries.
+        CREATE TABLE events (
+            id         INTEGER PRIMARY KEY AUTOINCREMENT,
+            type       TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            data       TEXT NOT NULL CHECK (json_valid(data))
+        );
+        CREATE INDEX events_type ON events (type, id);
+        """,
+    ),
+)

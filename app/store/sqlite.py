@@ -1,0 +1,418 @@
+"""The SQLite store: WAL mode, one writer connection behind a lock, one reader connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from app.clock import isoformat, parse_iso
+from app.logs import get_logger
+from app.store.base import (
+    BuildRecord,
+    Conflict,
+    EventRecord,
+    NewToken,
+    RolloutRecord,
+    RuntimeVersionRecord,
+    StatusCounts,
+    StoreError,
+    TokenRecord,
+)
+from app.store.migrations import MIGRATIONS, Migration
+
+log = get_logger("store")
+
+BUSY_TIMEOUT_MS = 5000
+ACTIVE_ROLLOUT_STATES = ("pending", "rolling_out", "paused")
+ACTIVE_CANARY_STATES = ("pending", "running")
+ACTIVE_SWEEP_STATES = ("pending", "running")
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    # isolation_level=None: transactions are opened explicitly with BEGIN IMMEDIATE,
+    # so a writer takes SQLite's write lock up front instead of failing mid-transaction.
+    db = await aiosqlite.connect(path, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    await db.execute("PRAGMA foreign_keys = ON")
+    await db.execute("PRAGMA synchronous = NORMAL")
+    return db
+
+
+class SqliteStore:
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._w = writer
+        self._r = reader
+        self._write_lock = asyncio.Lock()
+        self._snapshot_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, *, migrate: bool = True) -> SqliteStore:
+        """Open (creating if needed) and bring the schema up to date."""
+        try:
+            writer = await _connect(path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from None
+        try:
+            mode = await _scalar(writer, "PRAGMA journal_mode = WAL")
+            if str(mode).lower() != "wal":
+                raise StoreError(f"database {path} cannot use WAL mode (got {mode})")
+            await _check_and_migrate(writer, path, apply=migrate)
+            reader = await _connect(path)
+        except sqlite3.DatabaseError as exc:
+            await writer.close()
+            raise StoreError(f"cannot use database {path}: {exc}") from None
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        async with self._write_lock:
+            await self._r.close()
+            # A clean checkpoint leaves a single self-contained file behind.
+            try:
+                await self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:  # another connection may still be reading
+                log.warning("WAL checkpoint at close skipped: %s", exc)
+            await self._w.close()
+
+    async def ping(self) -> None:
+        await _scalar(self._r, "SELECT 1")
+
+    async def schema_version(self) -> int:
+        return await _current_version(self._r)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Every multi-row change goes through here: all of it commits, or none of it."""
+        async with self._write_lock:
+            await self._w.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._w
+            except BaseException:
+                await self._w.execute("ROLLBACK")
+                raise
+            await self._w.execute("COMMIT")
+
+    # -- API tokens -------------------------------------------------------------------
+
+    async def add_tokens(self, tokens: Sequence[NewToken]) -> list[TokenRecord]:
+        added: list[TokenRecord] = []
+        async with self._transaction() as db:
+            for token in tokens:
+                try:
+                    cursor = await db.execute(
+                        "INSERT INTO api_tokens (name, token_hash, role, org_id, created_at,"
+                        " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            token.name,
+                            token.token_hash,
+                            token.role,
+                            token.org_id,
+                            isoformat(token.created_at),
+                            _iso_or_none(token.expires_at),
+                        ),
+                    )
+                except sqlite3.IntegrityError:
+                    raise Conflict(
+                        f"a token named {token.name!r} already exists", token.name
+                    ) from None
+                assert cursor.lastrowid is not None
+                added.append(
+                    TokenRecord(
+                        id=cursor.lastrowid,
+                        name=token.name,
+                        role=token.role,
+                        token_hash=token.token_hash,
+                        org_id=token.org_id,
+                        created_at=token.created_at,
+                        expires_at=token.expires_at,
+                        last_used_at=None,
+                        revoked_at=None,
+                    )
+                )
+        return added
+
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        async with self._r.execute(
+            "SELECT * FROM api_tokens WHERE token_hash = ?", (token_hash,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _token(row) if row else None
+
+    async def list_tokens(self, *, include_revoked: bool = False) -> list[TokenRecord]:
+        where = "" if include_revoked else "WHERE revoked_at IS NULL"
+        async with self._r.execute(f"SELECT * FROM api_tokens {where} ORDER BY name, id") as cur:  # noqa: S608
+            return [_token(row) for row in await cur.fetchall()]
+
+    async def revoke_token(self, name: str, at: datetime) -> TokenRecord | None:
+        async with (
+            self._transaction() as db,
+            db.execute(
+                "UPDATE api_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
+                " RETURNING *",
+                (isoformat(at), name),
+            ) as cursor,
+        ):
+            row = await cursor.fetchone()
+        return _token(row) if row else None
+
+    async def touch_token(self, token_id: int, at: datetime) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (isoformat(at), token_id)
+            )
+
+    # -- Event log --------------------------------------------------------------------
+
+    async def append_event(
+        self, type: str, data: Mapping[str, Any], at: datetime, *, keep: int
+    ) -> EventRecord:
+        payload = json.dumps(data, separators=(",", ":"), sort_keys=True)
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO events (type, created_at, data) VALUES (?, ?, ?)",
+                (type, isoformat(at), payload),
+            )
+            event_id = cursor.lastrowid
+            assert event_id is not None
+            # Ids only grow, so everything at or below (newest - keep) is older than the
+            # newest `keep` rows; one indexed range delete, whatever the table's size.
+            await db.execute("DELETE FROM events WHERE id <= ?", (event_id - keep,))
+        return EventRecord(event_id, type, at, json.loads(payload))
+
+    async def list_events(
+        self, *, types: Sequence[str] = (), before_id: int | None = None, limit: int = 50
+    ) -> list[EventRecord]:
+        clauses: list[str] = []
+        params: list[object] = []
+        if types:
+            clauses.append(f"type IN ({', '.join('?' * len(types))})")
+            params.extend(types)
+        if before_id is not None:
+            clauses.append("id < ?")
+            params.append(before_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT * FROM events {where} ORDER BY id DESC LIMIT ?"  # noqa: S608
+        async with self._r.execute(sql, (*params, limit)) as cursor:
+            return [_event(row) for row in await cursor.fetchall()]
+
+    async def events_after(self, after_id: int, *, limit: int = 500) -> list[EventRecord]:
+        async with self._r.execute(
+            "SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+        ) as cursor:
+            return [_event(row) for row in await cursor.fetchall()]
+
+    # -- Design models ----------------------------------------------------------------
+
+    async def record_runtime_version(self, version: RuntimeVersionRecord, at: datetime) -> bool:
+        """Insert a version once; returns False when (provider, version) was already known."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO runtime_versions (id, provider_id, version, released_at, source_url,"
+                " canary_passed, canary_passed_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (provider_id, version) DO NOTHING",
+                (
+                    str(uuid.uuid4()),
+                    version.provider_id,
+                    version.version,
+                    isoformat(version.released_at),
+                    version.source_url,
+                    int(version.canary_passed),
+                    _iso_or_none(version.canary_passed_at),
+                    isoformat(at),
+                ),
+            )
+            return cursor.rowcount == 1
+
+    async def add_build(self, build: BuildRecord, at: datetime) -> None:
+        async with self._transaction() as db:
+            try:
+                await db.execute(
+                    "INSERT INTO runner_builds (id, build_id, runner_version, built_at,"
+                    " runtime_versions, known_good_for, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        str(uuid.uuid4()),
+                        build.build_id,
+                        build.runner_version,
+                        isoformat(build.built_at),
+                        json.dumps(dict(build.runtime_versions), sort_keys=True),
+                        json.dumps(list(build.known_good_for)),
+                        isoformat(at),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"build {build.build_id!r} already exists", build.build_id) from None
+
+    async def add_rollout(self, rollout: RolloutRecord, at: datetime) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO active_rollouts (id, rollout_id, target_build_id, channel, state,"
+                " current_percentage, started_at, last_updated_at, affected_org_ids, error,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    str(uuid.uuid4()),
+                    rollout.rollout_id,
+                    rollout.target_build_id,
+                    rollout.channel,
+                    rollout.state,
+                    rollout.current_percentage,
+                    isoformat(rollout.started_at),
+                    isoformat(rollout.last_updated_at),
+                    json.dumps(list(rollout.affected_org_ids)),
+                    rollout.error,
+                    isoformat(at),
+                ),
+            )
+
+    async def set_recommended_build(self, channel: str, build_id: str, at: datetime) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO recommended_builds (channel, build_id, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (channel) DO UPDATE SET build_id = excluded.build_id,"
+                " updated_at = excluded.updated_at",
+                (channel, build_id, isoformat(at)),
+            )
+
+    async def status_counts(self, providers: Sequence[str]) -> StatusCounts:
+        # One read transaction, so the counts describe a single moment.
+        async with self._snapshot_lock:
+            return await self._status_snapshot(self._r, providers)
+
+    async def _status_snapshot(
+        self, db: aiosqlite.Connection, providers: Sequence[str]
+    ) -> StatusCounts:
+        await db.execute("BEGIN")
+        try:
+            rollouts = await _count(db, "active_rollouts", ACTIVE_ROLLOUT_STATES)
+            canaries = await _count(db, "canary_runs", ACTIVE_CANARY_STATES)
+            sweeps = await _count(db, "sweeps", ACTIVE_SWEEP_STATES)
+            versions: dict[str, list[str]] = {p: [] for p in providers}
+            marks = ", ".join("?" * len(providers))
+            async with db.execute(
+                f"SELECT provider_id, version FROM runtime_versions"  # noqa: S608
+                f" WHERE provider_id IN ({marks})",
+                tuple(providers),
+            ) as cursor:
+                for row in await cursor.fetchall():
+                    versions[row["provider_id"]].append(row["version"])
+            async with db.execute("SELECT channel, build_id FROM recommended_builds") as cursor:
+                recommended = {row["channel"]: row["build_id"] for row in await cursor.fetchall()}
+        finally:
+            await db.execute("COMMIT")
+        return StatusCounts(canaries, rollouts, sweeps, versions, recommended)
+
+
+async def _count(db: aiosqlite.Connection, table: str, states: Sequence[str]) -> int:
+    marks = ", ".join("?" * len(states))
+    sql = f"SELECT count(*) FROM {table} WHERE state IN ({marks})"  # noqa: S608
+    return int(await _scalar(db, sql, tuple(states)))
+
+
+async def _scalar(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+    async with db.execute(sql, params) as cursor:
+        row = await cursor.fetchone()
+    return row[0] if row else None
+
+
+async def _current_version(db: aiosqlite.Connection) -> int:
+    exists = await _scalar(
+        db, "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    )
+    if not exists:
+        return 0
+    return int(await _scalar(db, "SELECT coalesce(max(version), 0) FROM schema_version"))
+
+
+async def _check_and_migrate(db: aiosqlite.Connection, path: Path, *, apply: bool) -> None:
+    latest = MIGRATIONS[-1].version
+    current = await _current_version(db)
+    if current > latest:
+        raise StoreError(
+            f"database {path} has schema version {current}, newer than this update-pipeline"
+            f" supports ({latest}); upgrade update-pipeline or use another database"
+        )
+    if current == latest or not apply:
+        return
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    for migration in MIGRATIONS:
+        await _apply(db, migration)
+
+
+async def _apply(db: aiosqlite.Connection, migration: Migration) -> None:
+    # BEGIN IMMEDIATE then re-check: another process may have migrated in the meantime.
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        if await _current_version(db) >= migration.version:
+            await db.execute("ROLLBACK")
+            return
+        for statement in _statements(migration.sql):
+            await db.execute(statement)
+        await db.execute(
+            "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?,"
+            " strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+            (migration.version, migration.name),
+        )
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+    await db.execute("COMMIT")
+    log.info("applied migration %d: %s", migration.version, migration.name)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements, so all of it runs inside our transaction
+    (``executescript`` would commit first)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
+
+
+def _iso_or_none(moment: datetime | None) -> str | None:
+    return isoformat(moment) if moment else None
+
+
+def _dt(text: str | None) -> datetime | None:
+    return parse_iso(text) if text else None
+
+
+def _token(row: sqlite3.Row) -> TokenRecord:
+    return TokenRecord(
+        id=row["id"],
+        name=row["name"],
+        role=row["role"],
+        token_hash=row["token_hash"],
+        org_id=row["org_id"],
+        created_at=parse_iso(row["created_at"]),
+        expires_at=_dt(row["expires_at"]),
+        last_used_at=_dt(row["last_used_at"]),
+        revoked_at=_dt(row["revoked_at"]),
+    )
+
+
+def _event(row: sqlite3.Row) -> EventRecord:
+    return EventRecord(
+        row["id"], row["type"], parse_iso(row["created_at"]), json.loads(row["data"])
+    )
