@@ -161,9 +161,12 @@ async def read_json(request: web.Request, limit: int) -> Any:
     if not data.strip():
         raise ApiError(400, "INVALID_JSON", "request body is empty; a JSON document is expected")
     try:
-        return json.loads(data)
+        # JSON on the wire is UTF-8 (RFC 8259); json.loads would guess other encodings.
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "INVALID_JSON", "request body is not UTF-8 text") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(
             400,
@@ -175,6 +178,8 @@ async def read_json(request: web.Request, limit: int) -> Any:
 def _parse_query(
     route: Route, request: web.Request, validators: Mapping[str, Draft202012Validator]
 ) -> dict[str, Any]:
+    if not route.query:
+        return {}  # nothing to misspell; cache-busting query strings are harmless
     known = {q.name for q in route.query}
     unknown = sorted(set(request.query) - known)
     if unknown:

@@ -1,0 +1,184 @@
+"""Shared fixtures: a real SQLite file, a movable clock, and the app on a real test server.
+
+Every JSON response that passes through ``Api`` is checked against the OpenAPI
+description the app serves, so the documented contract is tested by every test.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from jsonschema import Draft202012Validator
+
+from app.api.routing import PREFIX
+from app.auth import Role, TokenSpec
+from app.clock import ManualClock
+from app.config import Settings
+from app.pipeline import Component
+from app.server import create_app, start_pipeline
+from app.services import Services
+from app.store import SqliteStore
+
+START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "pipeline.db"
+
+
+@pytest.fixture
+def settings(db_path: Path) -> Settings:
+    return Settings(enabled=True, db_path=db_path, max_body_bytes=4096)
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await SqliteStore.open(db_path)
+    yield opened
+    await opened.close()
+
+
+class Api:
+    """A client for the app under test: paths are relative to the API prefix."""
+
+    def __init__(self, client: TestClient, services: Services, openapi: dict[str, Any]):
+        self.client = client
+        self.services = services
+        self.openapi = openapi
+        self._issued = 0
+        self._operations = [
+            (method.upper(), _template_regex(path), op)
+            for path, ops in openapi["paths"].items()
+            for method, op in ops.items()
+        ]
+
+    async def token(
+        self, role: str | Role, *, name: str | None = None, org: str | None = None
+    ) -> str:
+        role = Role(role)
+        if role is Role.RUNNER and org is None:
+            org = "org-1"
+        self._issued += 1
+        spec = TokenSpec(name or f"{role.value}-{self._issued}", role, org)
+        (issued,) = await self.services.tokens.issue([spec])
+        return issued.secret
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        check_schema: bool = True,
+        **kwargs: Any,
+    ) -> tuple[aiohttp.ClientResponse, Any]:
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        full = path if path.startswith("/api/") or not path.startswith("/") else PREFIX + path
+        response = await self.client.request(method, full, headers=all_headers, **kwargs)
+        body: Any = None
+        if response.content_type == "application/json":
+            body = await response.json()
+            if check_schema:
+                self.check(method, full, response.status, body)
+        return response, body
+
+    async def get(self, path: str, **kwargs: Any) -> tuple[aiohttp.ClientResponse, Any]:
+        return await self.request("GET", path, **kwargs)
+
+    async def post(self, path: str, **kwargs: Any) -> tuple[aiohttp.ClientResponse, Any]:
+        return await self.request("POST", path, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> tuple[aiohttp.ClientResponse, Any]:
+        return await self.request("DELETE", path, **kwargs)
+
+    def check(self, method: str, path: str, status: int, body: Any) -> None:
+        """Fail unless ``body`` is what the OpenAPI description promises for this status."""
+        path = path.split("?")[0]
+        operation = next(
+            (
+                op
+                for m, regex, op in self._operations
+                if m == method.upper() and regex.fullmatch(path)
+            ),
+            None,
+        )
+        if operation is None:
+            assert status in (404, 405), f"{method} {path} answered {status} but is undocumented"
+            schema = self.openapi["components"]["schemas"]["Error"]
+            Draft202012Validator(schema).validate(body)
+            return
+        documented = operation["responses"]
+        assert str(status) in documented, (
+            f"{method} {path} answered {status}, documented: {sorted(documented)}"
+        )
+        content = documented[str(status)].get("content", {})
+        schema = content.get("application/json", {}).get("schema")
+        assert schema is not None, f"{method} {path} {status} has no documented JSON body"
+        schema = self._resolve(schema)
+        Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER).validate(
+            body
+        )
+
+    def _resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
+        ref = schema.get("$ref")
+        if ref:
+            return self.openapi["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+        return schema
+
+
+def _template_regex(path: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path)))
+
+
+MakeApi = Callable[..., Awaitable[Api]]
+
+
+@pytest.fixture
+async def make_api(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    settings: Settings,
+    clock: ManualClock,
+) -> AsyncIterator[MakeApi]:
+    """Build the app on a real test server; the pipeline starts when settings enable it."""
+    opened: list[tuple[SqliteStore, Services, TestClient]] = []
+
+    async def make(
+        *, settings_override: Settings | None = None, components: Sequence[Component] = ()
+    ) -> Api:
+        active = settings_override or settings
+        store = await SqliteStore.open(active.db_path)
+        services = Services.build(active, store, clock)
+        services.sse_keepalive_seconds = 0.2
+        await start_pipeline(services, components)
+        client = await aiohttp_client(create_app(services))
+        opened.append((store, services, client))
+        openapi = await (await client.get(f"{PREFIX}/openapi.json")).json()
+        return Api(client, services, openapi)
+
+    yield make
+    for store, services, client in reversed(opened):
+        await client.close()
+        if services.pipeline is not None:
+            await services.pipeline.stop()
+        await store.close()
+
+
+@pytest.fixture
+async def api(make_api: MakeApi) -> Api:
+    return await make_api()

@@ -1,0 +1,195 @@
+"""The SQLite store: migrations, refusal of newer schemas, transactions, the instance lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from app.store import (
+    BuildRecord,
+    Conflict,
+    InstanceLock,
+    NewToken,
+    SqliteStore,
+    StoreError,
+)
+from app.store import sqlite as sqlite_module
+from app.store.migrations import MIGRATIONS, Migration
+from tests.conftest import START
+
+DESIGN_TABLES = {"runtime_versions", "runner_builds", "active_rollouts", "api_tokens", "events"}
+
+
+def _tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _token(name: str, digest: str) -> NewToken:
+    return NewToken(name, "viewer", digest, None, START, None)
+
+
+async def test_migrations_build_the_schema_from_an_empty_file(db_path: Path):
+    store = await SqliteStore.open(db_path)
+    assert await store.schema_version() == MIGRATIONS[-1].version
+    await store.close()
+    assert DESIGN_TABLES | {"schema_version"} <= _tables(db_path)
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        columns = {r[1] for r in db.execute("PRAGMA table_info(active_rollouts)")}
+    assert columns >= {
+        "rollout_id",
+        "target_build_id",
+        "channel",
+        "state",
+        "current_percentage",
+        "started_at",
+        "last_updated_at",
+        "affected_org_ids",
+        "error",
+        "created_at",
+    }
+
+
+async def test_reopening_applies_nothing_twice(db_path: Path):
+    for _ in range(3):
+        store = await SqliteStore.open(db_path)
+        await store.close()
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT version FROM schema_version").fetchall()
+    assert rows == [(m.version,) for m in MIGRATIONS]
+
+
+async def test_a_database_from_a_newer_version_is_refused(db_path: Path):
+    store = await SqliteStore.open(db_path)
+    await store.close()
+    with sqlite3.connect(db_path) as db:
+        db.execute("INSERT INTO schema_version VALUES (99, 'from the future', 'x')")
+    with pytest.raises(StoreError, match="schema version 99, newer than this update-pipeline"):
+        await SqliteStore.open(db_path)
+
+
+async def test_a_failing_migration_leaves_the_previous_schema_intact(db_path, monkeypatch):
+    store = await SqliteStore.open(db_path)
+    await store.close()
+    broken = Migration(
+        MIGRATIONS[-1].version + 1,
+        "half broken",
+        "CREATE TABLE half_done (id INTEGER);\nINSERT INTO no_such_table VALUES (1);",
+    )
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", (*MIGRATIONS, broken))
+    with pytest.raises(StoreError, match="no such table"):
+        await SqliteStore.open(db_path)
+    assert "half_done" not in _tables(db_path)
+    monkeypatch.undo()
+    store = await SqliteStore.open(db_path)
+    assert await store.schema_version() == MIGRATIONS[-1].version
+    await store.close()
+
+
+async def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are not the pages you are looking for" * 100)
+    with pytest.raises(StoreError, match=r"notes\.db"):
+        await SqliteStore.open(path)
+
+
+async def test_foreign_keys_are_enforced(store: SqliteStore):
+    from app.store import RolloutRecord
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.add_rollout(
+            RolloutRecord("r1", "build-missing", "stable", "pending", 0, START, START), START
+        )
+
+
+async def test_a_batch_of_tokens_is_added_whole_or_not_at_all(store: SqliteStore):
+    await store.add_tokens([_token("taken", "h0")])
+    with pytest.raises(Conflict) as raised:
+        await store.add_tokens(
+            [_token("fresh-1", "h1"), _token("taken", "h2"), _token("fresh-3", "h3")]
+        )
+    assert raised.value.key == "taken"
+    assert [t.name for t in await store.list_tokens()] == ["taken"]
+
+
+async def test_a_revoked_name_can_be_issued_again(store: SqliteStore):
+    await store.add_tokens([_token("ci", "h1")])
+    assert await store.revoke_token("ci", START) is not None
+    assert await store.revoke_token("ci", START) is None
+    await store.add_tokens([_token("ci", "h2")])
+    names = [(t.name, t.revoked_at is None) for t in await store.list_tokens(include_revoked=True)]
+    assert names == [("ci", False), ("ci", True)]
+
+
+async def test_duplicate_build_ids_conflict(store: SqliteStore):
+    build = BuildRecord("build-abc", "1.0.0", START, {"codex": "1.0.0"}, ["codex"])
+    await store.add_build(build, START)
+    with pytest.raises(Conflict):
+        await store.add_build(build, START)
+
+
+async def test_events_are_pruned_to_the_newest_ones(store: SqliteStore):
+    for i in range(30):
+        await store.append_event("tick", {"i": i}, START, keep=10)
+    events = await store.list_events(limit=100)
+    assert [e.data["i"] for e in events] == list(range(29, 19, -1))
+
+
+# -- One instance per database ---------------------------------------------------------
+
+
+def test_a_second_instance_on_the_same_database_is_refused(db_path: Path):
+    first, second = InstanceLock(db_path), InstanceLock(db_path)
+    first.acquire()
+    try:
+        with pytest.raises(
+            StoreError, match=rf"in use by another update-pipeline process \(pid {os.getpid()}\)"
+        ):
+            second.acquire()
+    finally:
+        first.release()
+    second.acquire()  # free again once the first lets go
+    second.release()
+
+
+def test_the_lock_dies_with_a_crashed_holder(db_path: Path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                from pathlib import Path
+                from app.store import InstanceLock
+                InstanceLock(Path({str(db_path)!r})).acquire()
+                print("locked", flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match=f"pid {holder.pid}"):
+            InstanceLock(db_path).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        lock = InstanceLock(db_path)
+        lock.acquire()
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        if holder.stdout:
+            holder.stdout.close()
