@@ -24,6 +24,8 @@ _NAME = re.compile(NAME_PATTERN)
 # resolution is plenty to tell a live token from a forgotten one.
 TOUCH_EVERY = timedelta(minutes=1)
 CACHE_TTL_SECONDS = 30
+# How often the cache asks whether another process (the token CLI) changed the database.
+OUTSIDE_CHECK_SECONDS = 1.0
 
 
 class Role(enum.StrEnum):
@@ -102,11 +104,14 @@ class TokenService:
     def __init__(self, store: Store, clock: Clock) -> None:
         self.store = store
         self.clock = clock
-        # hash -> record; short-lived so a token revoked by another process (the CLI)
-        # stops working within CACHE_TTL_SECONDS, and at once when revoked here.
+        # hash -> record, so hot paths (heartbeats) do not read the database per request.
+        # Revoking here evicts at once; a revocation by another process empties the cache
+        # within OUTSIDE_CHECK_SECONDS (see _forget_outside_changes).
         self._cache: TTLCache[str, TokenRecord] = TTLCache(
             maxsize=10_000, ttl=CACHE_TTL_SECONDS, timer=clock.monotonic
         )
+        self._outside_marker: int | None = None
+        self._outside_checked = float("-inf")
 
     async def issue(self, specs: Sequence[TokenSpec]) -> list[IssuedToken]:
         """Create all the tokens or none of them."""
@@ -135,6 +140,7 @@ class TokenService:
 
     async def authenticate(self, secret: str) -> Principal:
         digest = hash_token(secret)
+        await self._forget_outside_changes()
         record = self._cache.get(digest)
         if record is None:
             record = await self.store.token_by_hash(digest)
@@ -154,6 +160,16 @@ class TokenService:
             await self.store.touch_token(record.id, now)
             self._cache[digest] = dataclasses.replace(record, last_used_at=now)
         return Principal(record.id, record.name, Role(record.role), record.org_id)
+
+    async def _forget_outside_changes(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._outside_checked < OUTSIDE_CHECK_SECONDS:
+            return
+        self._outside_checked = now
+        marker = await self.store.outside_writes()
+        if self._outside_marker is not None and marker != self._outside_marker:
+            self._cache.clear()
+        self._outside_marker = marker
 
     async def list(self, *, include_revoked: bool = False) -> list[TokenRecord]:
         return await self.store.list_tokens(include_revoked=include_revoked)

@@ -6,7 +6,8 @@ import hashlib
 import sqlite3
 from datetime import timedelta
 
-from app.auth import TOUCH_EVERY
+from app.auth import OUTSIDE_CHECK_SECONDS, TOUCH_EVERY, TokenService
+from app.store import SqliteStore
 from tests.conftest import Api
 
 
@@ -134,3 +135,22 @@ async def test_last_used_is_recorded_without_a_write_per_request(api: Api, clock
     assert len(writes) == 2
     (record,) = [t for t in await api.services.tokens.list() if t.name == "poller"]
     assert record.last_used_at == clock.now()
+
+
+async def test_a_token_revoked_by_another_process_stops_working_within_a_second(
+    api: Api, db_path, clock
+):
+    viewer = await api.token("viewer", name="shared")
+    assert (await api.get("/status", token=viewer))[0].status == 200  # cached now
+
+    # The token CLI runs as its own process with its own connection to the same file.
+    other = await SqliteStore.open(db_path)
+    try:
+        await TokenService(other, clock).revoke("shared")
+    finally:
+        await other.close()
+
+    clock.advance(timedelta(seconds=OUTSIDE_CHECK_SECONDS))
+    response, body = await api.get("/status", token=viewer)
+    assert response.status == 401
+    assert body["error"]["message"] == "token revoked"

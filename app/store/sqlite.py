@@ -93,6 +93,14 @@ class SqliteStore:
     async def schema_version(self) -> int:
         return await _current_version(self._r)
 
+    async def outside_writes(self) -> int:
+        """A number that changes whenever another process commits to the database.
+
+        Read on the writer connection: its own commits do not change it, and the reader
+        never writes, so only other processes (the token CLI, say) move it."""
+        async with self._write_lock:
+            return int(await _scalar(self._w, "PRAGMA data_version"))
+
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """Every multi-row change goes through here: all of it commits, or none of it."""
