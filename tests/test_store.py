@@ -196,5 +196,5 @@ def test_the_lock_dies_with_a_crashed_holder(db_path: Path):
 
 
 def test_a_database_in_a_missing_folder_is_a_clear_error(tmp_path: Path):
-    with pytest.raises(StoreError, match="cannot create lock file .*No such file or directory"):
+    with pytest.raises(StoreError, match=r"cannot create lock file .*No such file or directory"):
         InstanceLock(tmp_path / "missing" / "x.db").acquire()
