@@ -22,6 +22,10 @@ from app.store import InstanceLock, SqliteStore
 log = get_logger("server")
 
 
+class ServeError(Exception):
+    """The service cannot start (for example, its port is taken); a one-line reason."""
+
+
 def create_app(services: Services) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[SERVICES] = services
@@ -65,6 +69,9 @@ async def serve(
 ) -> None:
     """Run until SIGTERM or SIGINT (or ``stop`` is set), then shut down in order:
     stop accepting, finish in-flight requests, stop the pipeline, close the database."""
+    # Signals are caught from the first moment, so a SIGTERM during start-up still
+    # leads through the orderly shutdown below.
+    stop = stop or _signal_event()
     lock = InstanceLock(settings.db_path)
     lock.acquire()
     try:
@@ -72,7 +79,7 @@ async def serve(
         try:
             services = Services.build(settings, store, clock or Clock())
             await start_pipeline(services, components)
-            await _run_http(services, stop or _signal_event())
+            await _run_http(services, stop)
         finally:
             await store.close()
     finally:
@@ -95,7 +102,11 @@ async def _run_http(services: Services, stop: asyncio.Event) -> None:
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            where = f"{settings.host}:{settings.port}"
+            raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         for address in runner.addresses:
             log.info("listening on http://%s:%s", *address[:2])
         await stop.wait()
