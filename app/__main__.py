@@ -106,14 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         configure(settings.log_format, settings.log_level, settings.secrets())
         if args.command == "serve":
-            from app.server import serve
-
-            asyncio.run(serve(settings))
+            _serve(settings)
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
         else:
             asyncio.run(_token(args, settings))
-    except (ConfigError, StoreError, CommandError) as exc:
+    # OSError: the database's folder is missing or read-only; the operator needs the
+    # reason, not a traceback.
+    except (ConfigError, StoreError, CommandError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -129,6 +129,16 @@ def _settings(args: argparse.Namespace) -> Settings:
         "db_path": getattr(args, "db", None),
     }
     return settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _serve(settings: Settings) -> None:
+    # Imported here so the token and migrate commands do not pay for loading aiohttp.
+    from app.server import ServeError, serve
+
+    try:
+        asyncio.run(serve(settings))
+    except ServeError as exc:
+        raise CommandError(str(exc)) from None
 
 
 async def _migrate(settings: Settings) -> None:

@@ -56,7 +56,8 @@ def parse_duration(text: str, *, bare_unit: str | None = None) -> timedelta:
 
 def format_duration(delta: timedelta) -> str:
     """The inverse of parse_duration, largest units first (``1h30m``)."""
-    ms = int(delta.total_seconds() * 1000)
+    # Integer division: total_seconds() is a float and loses milliseconds (1.001s).
+    ms = delta // _DURATION_UNITS["ms"]
     if ms == 0:
         return "0s"
     parts = []
@@ -145,9 +146,11 @@ class _Reader:
         self.env = env
         self.problems: list[str] = []
 
-    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+    def get(
+        self, name: str, parse: Callable[[str], T], default: T, *, empty_is_default: bool = True
+    ) -> T:
         raw = self.env.get(name)
-        if raw is None or raw.strip() == "":
+        if raw is None or (empty_is_default and raw.strip() == ""):
             return default
         try:
             return parse(raw)
@@ -155,13 +158,18 @@ class _Reader:
             self.problems.append(f"{name}: {exc}")
             return default
 
+    def flag(self, name: str, default: bool) -> bool:
+        # An empty flag is usually an unset template variable (FLAG=${UNSET}); reading
+        # it as the default would be the silent false the design rules out.
+        return self.get(name, parse_bool, default, empty_is_default=False)
+
     def settings(self) -> Settings:
         d = Settings()
         key = self._private_key()
         values = Settings(
-            enabled=self.get("UPDATE_PIPELINE_ENABLED", parse_bool, d.enabled),
-            auto_canary=self.get("UPDATE_PIPELINE_AUTO_CANARY", parse_bool, d.auto_canary),
-            polling=self.get("UPDATE_PIPELINE_POLLING", parse_bool, d.polling),
+            enabled=self.flag("UPDATE_PIPELINE_ENABLED", d.enabled),
+            auto_canary=self.flag("UPDATE_PIPELINE_AUTO_CANARY", d.auto_canary),
+            polling=self.flag("UPDATE_PIPELINE_POLLING", d.polling),
             poll_interval=self.get(
                 "UPDATE_PIPELINE_POLL_INTERVAL_MS", _positive_duration_ms, d.poll_interval
             ),

@@ -38,7 +38,12 @@ class RedactingFilter(logging.Filter):
         return _TOKEN_SHAPES.sub("[redacted]", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            # A malformed logging call must not raise into the code that logged, nor
+            # reach logging's own error report (which prints msg and args) unscrubbed.
+            message = f"{record.msg} (unformattable arguments: {record.args!r})"
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         record.msg = self.scrub(message)
