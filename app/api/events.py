@@ -61,9 +61,14 @@ async def list_events(call: Call) -> web.StreamResponse:
 def _cursor(raw: str | None) -> int | None:
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 18:
+    if not _is_id(raw):
         raise ApiError(400, "INVALID_QUERY", "cursor is not one this API handed out")
     return int(raw)
+
+
+def _is_id(raw: str) -> bool:
+    # isascii() too: isdigit() also accepts digits such as "²" that int() rejects.
+    return raw.isascii() and raw.isdigit() and len(raw) <= 18
 
 
 def _frame(event: EventRecord) -> bytes:
@@ -76,7 +81,7 @@ async def stream_events(call: Call) -> web.StreamResponse:
     last_id = _last_event_id(call)
     # Subscribe before catching up, so nothing published in between is missed;
     # duplicates are skipped by id below.
-    subscription = services.bus.subscribe()
+    subscription = services.bus.subscribe(on_drop=lambda: _hang_up(call.request))
     response = web.StreamResponse(
         headers={
             "Content-Type": EVENT_STREAM,
@@ -115,13 +120,22 @@ async def stream_events(call: Call) -> web.StreamResponse:
         services.bus.unsubscribe(subscription)
 
 
+def _hang_up(request: web.Request) -> None:
+    # A dropped client may be stuck in a write that never completes (it stopped reading),
+    # so ending its queue alone would hold the connection, and shutdown, until it reads.
+    # Aborting loses nothing: the client resumes with Last-Event-ID.
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
 def _last_event_id(call: Call) -> int | None:
     raw = call.request.headers.get("Last-Event-ID")
     if raw is None:
         raw = call.query.get("lastEventId")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 18:
+    if not _is_id(raw):
         raise ApiError(400, "INVALID_LAST_EVENT_ID", "Last-Event-ID must be an event id")
     return int(raw)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from app.clock import Clock
@@ -42,9 +42,10 @@ def event_type(name: str) -> str:
 class Subscription:
     """One live listener with a bounded queue. ``None`` in the queue means: stream over."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, on_drop: Callable[[], None] | None = None) -> None:
         self.queue: asyncio.Queue[EventRecord | None] = asyncio.Queue(maxsize)
         self.dropped = False
+        self.on_drop = on_drop
 
     def offer(self, event: EventRecord) -> bool:
         try:
@@ -52,18 +53,20 @@ class Subscription:
         except asyncio.QueueFull:
             self.dropped = True
             self.end()
+            if self.on_drop is not None:
+                # A listener this far behind may be stuck and never reach the end marker.
+                self.on_drop()
             return False
         return True
 
     def end(self) -> None:
-        # Room is made for the end marker; what the listener missed it can fetch again
-        # from the log by id, so discarding here loses nothing.
-        while True:
-            try:
-                self.queue.put_nowait(None)
-                return
-            except asyncio.QueueFull:
+        # Room is made for the end marker. The listener resumes after the last event it
+        # received, so the queue goes as a whole: discarding only the oldest entries
+        # would leave a gap behind that id which it could never fetch again.
+        if self.queue.full():
+            while not self.queue.empty():
                 self.queue.get_nowait()
+        self.queue.put_nowait(None)
 
     async def next(self) -> EventRecord | None:
         return await self.queue.get()
@@ -90,8 +93,10 @@ class EventBus:
                 )
         return event
 
-    def subscribe(self) -> Subscription:
-        subscription = Subscription(self.queue_size)
+    def subscribe(self, on_drop: Callable[[], None] | None = None) -> Subscription:
+        """``on_drop`` runs (inside ``publish``, so it must not block) if the listener falls
+        ``queue_size`` events behind and is dropped."""
+        subscription = Subscription(self.queue_size, on_drop)
         self._subscribers.add(subscription)
         return subscription
 
