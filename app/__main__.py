@@ -14,7 +14,8 @@ from app.auth import Role, TokenService, TokenSpec, TokenSpecError, token_state
 from app.clock import Clock, isoformat
 from app.config import DURATION_HELP, ConfigError, Settings, parse_duration, parse_port
 from app.logs import configure
-from app.store import Conflict, SqliteStore, StoreError, TokenRecord
+from app.store import Conflict, InstanceLock, SqliteStore, StoreError, TokenRecord
+from app.store.migrations import LATEST_SCHEMA
 
 PROG = "update-pipeline"
 
@@ -141,8 +142,29 @@ def _serve(settings: Settings) -> None:
         raise CommandError(str(exc)) from None
 
 
+CLI_ACTOR = "command line"
+
+
+async def _open_store(settings: Settings) -> SqliteStore:
+    """Open the database, migrating it only while no server runs on it: a schema change
+    under a running (older) server could break it."""
+    store = await SqliteStore.open(settings.db_path, migrate=False)
+    if await store.schema_version() >= LATEST_SCHEMA:
+        return store
+    await store.close()
+    lock = InstanceLock(settings.db_path)
+    try:
+        lock.acquire()
+    except StoreError as exc:
+        raise CommandError(f"{exc}; the schema needs upgrading, which needs it stopped") from None
+    try:
+        return await SqliteStore.open(settings.db_path)
+    finally:
+        lock.release()
+
+
 async def _migrate(settings: Settings) -> None:
-    store = await SqliteStore.open(settings.db_path)
+    store = await _open_store(settings)
     try:
         version = await store.schema_version()
     finally:
@@ -151,7 +173,7 @@ async def _migrate(settings: Settings) -> None:
 
 
 async def _token(args: argparse.Namespace, settings: Settings) -> None:
-    store = await SqliteStore.open(settings.db_path)
+    store = await _open_store(settings)
     try:
         clock = Clock()
         service = TokenService(store, clock)
@@ -160,7 +182,7 @@ async def _token(args: argparse.Namespace, settings: Settings) -> None:
         elif args.token_command == "list":
             _print_tokens(await service.list(include_revoked=args.all), clock)
         else:
-            record = await service.revoke(args.name)
+            record = await service.revoke(args.name, by=CLI_ACTOR)
             if record is None:
                 raise CommandError(f"no active token named {args.name!r}")
             print(f"revoked token {record.name!r} ({record.role})")
@@ -171,7 +193,7 @@ async def _token(args: argparse.Namespace, settings: Settings) -> None:
 async def _create(service: TokenService, args: argparse.Namespace) -> None:
     spec = TokenSpec(args.name, Role(args.role), args.org_id, args.expires)
     try:
-        (issued,) = await service.issue([spec])
+        (issued,) = await service.issue([spec], by=CLI_ACTOR)
     except (TokenSpecError, Conflict) as exc:
         raise CommandError(str(exc)) from None
     record = issued.record

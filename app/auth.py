@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from cachetools import TTLCache
 
 from app.clock import Clock
+from app.pipeline.events import EventBus
 from app.store import NewToken, Store, TokenRecord
 
 TOKEN_PREFIX = "upt_"
@@ -93,17 +94,18 @@ def validate_spec(spec: TokenSpec) -> None:
             " starting with a letter or digit"
         )
     if spec.role is Role.RUNNER and not spec.org_id:
-        raise TokenSpecError("a runner token needs the organisation it reports for (org)")
+        raise TokenSpecError("a runner token needs the id of the organisation it reports for")
     if spec.role is not Role.RUNNER and spec.org_id:
-        raise TokenSpecError("only runner tokens belong to an organisation (org)")
+        raise TokenSpecError("only runner tokens belong to an organisation")
     if spec.expires_in is not None and spec.expires_in <= timedelta(0):
         raise TokenSpecError("expiry must be in the future")
 
 
 class TokenService:
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock, bus: EventBus | None = None) -> None:
         self.store = store
         self.clock = clock
+        self.bus = bus or EventBus(store, clock)
         # hash -> record, so hot paths (heartbeats) do not read the database per request.
         # Revoking here evicts at once; a revocation by another process empties the cache
         # within OUTSIDE_CHECK_SECONDS (see _forget_outside_changes).
@@ -113,8 +115,8 @@ class TokenService:
         self._outside_marker: int | None = None
         self._outside_checked = float("-inf")
 
-    async def issue(self, specs: Sequence[TokenSpec]) -> list[IssuedToken]:
-        """Create all the tokens or none of them."""
+    async def issue(self, specs: Sequence[TokenSpec], *, by: str) -> list[IssuedToken]:
+        """Create all the tokens or none of them; ``by`` names who asked, for the log."""
         seen: set[str] = set()
         for spec in specs:
             validate_spec(spec)
@@ -135,6 +137,13 @@ class TokenService:
                 )
                 for spec in specs
             ]
+        )
+        await self.bus.publish(
+            "tokens_issued",
+            {
+                "tokens": [{"name": r.name, "role": r.role, "orgId": r.org_id} for r in records],
+                "by": by,
+            },
         )
         return [IssuedToken(r, secrets_by_name[r.name]) for r in records]
 
@@ -174,10 +183,11 @@ class TokenService:
     async def list(self, *, include_revoked: bool = False) -> list[TokenRecord]:
         return await self.store.list_tokens(include_revoked=include_revoked)
 
-    async def revoke(self, name: str) -> TokenRecord | None:
+    async def revoke(self, name: str, *, by: str) -> TokenRecord | None:
         record = await self.store.revoke_token(name, self.clock.now())
         if record is not None:
             self._cache.pop(record.token_hash, None)
+            await self.bus.publish("token_revoked", {"name": record.name, "by": by})
         return record
 
 

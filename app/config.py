@@ -180,7 +180,7 @@ class _Reader:
                 "UPDATE_PIPELINE_MAX_BODY_BYTES", _body_limit, d.max_body_bytes
             ),
             shutdown_timeout=self.get(
-                "UPDATE_PIPELINE_SHUTDOWN_TIMEOUT", parse_duration, d.shutdown_timeout
+                "UPDATE_PIPELINE_SHUTDOWN_TIMEOUT", _positive_duration, d.shutdown_timeout
             ),
             log_format=self.get("UPDATE_PIPELINE_LOG_FORMAT", _choice(LOG_FORMATS), d.log_format),
             log_level=self.get(
@@ -229,7 +229,11 @@ def parse_port(text: str) -> int:
 
 
 def _positive_duration_ms(text: str) -> timedelta:
-    value = parse_duration(text, bare_unit="ms")
+    return _positive_duration(text, bare_unit="ms")
+
+
+def _positive_duration(text: str, bare_unit: str | None = None) -> timedelta:
+    value = parse_duration(text, bare_unit=bare_unit)
     if value <= timedelta(0):
         raise ValueError(f"{text!r} must be greater than zero")
     return value

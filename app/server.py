@@ -112,9 +112,13 @@ async def _run_http(services: Services, stop: asyncio.Event) -> None:
         await stop.wait()
         log.info("stopping: no new connections, finishing requests in flight")
     finally:
+        # One budget for the whole shutdown: what in-flight requests use up, the pipeline
+        # does not get again (it always gets a moment to cancel its tasks).
+        deadline = asyncio.get_running_loop().time() + timeout
         await runner.cleanup()
         if services.pipeline is not None:
+            remaining = max(1.0, deadline - asyncio.get_running_loop().time())
             try:
-                await asyncio.wait_for(services.pipeline.stop(), timeout)
+                await asyncio.wait_for(services.pipeline.stop(), remaining)
             except TimeoutError:
-                log.error("pipeline did not stop within %.0fs; exiting anyway", timeout)
+                log.error("pipeline did not stop within %.1fs; exiting anyway", remaining)

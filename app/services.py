@@ -26,4 +26,5 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings, store: Store, clock: Clock) -> Services:
-        return cls(settings, store, clock, EventBus(store, clock), TokenService(store, clock))
+        bus = EventBus(store, clock)
+        return cls(settings, store, clock, bus, TokenService(store, clock, bus))

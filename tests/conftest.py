@@ -18,13 +18,13 @@ from aiohttp.test_utils import TestClient
 from jsonschema import Draft202012Validator
 
 from app.api.routing import PREFIX
-from app.auth import Role, TokenSpec
+from app.auth import Role, hash_token, new_secret
 from app.clock import ManualClock
 from app.config import Settings
 from app.pipeline import Component
 from app.server import create_app, start_pipeline
 from app.services import Services
-from app.store import SqliteStore
+from app.store import NewToken, SqliteStore
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -72,9 +72,18 @@ class Api:
         if role is Role.RUNNER and org is None:
             org = "org-1"
         self._issued += 1
-        spec = TokenSpec(name or f"{role.value}-{self._issued}", role, org)
-        (issued,) = await self.services.tokens.issue([spec])
-        return issued.secret
+        # Written straight to the store: test set-up, not an issuance worth an event.
+        secret = new_secret()
+        token = NewToken(
+            name or f"{role.value}-{self._issued}",
+            role.value,
+            hash_token(secret),
+            org,
+            self.services.clock.now(),
+            None,
+        )
+        await self.services.store.add_tokens([token])
+        return secret
 
     async def request(
         self,

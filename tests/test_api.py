@@ -51,11 +51,11 @@ async def test_protected_route_with_unknown_revoked_or_expired_token_is_401(
     assert await _call(api, route, "upt_not-a-real-token") == 401
 
     revoked = await api.token("admin", name="soon-revoked")
-    await api.services.tokens.revoke("soon-revoked")
+    await api.services.tokens.revoke("soon-revoked", by="test")
     assert await _call(api, route, revoked) == 401
 
     (issued,) = await api.services.tokens.issue(
-        [TokenSpec("short", Role.ADMIN, None, timedelta(minutes=5))]
+        [TokenSpec("short", Role.ADMIN, None, timedelta(minutes=5))], by="test"
     )
     assert await _call(api, route, issued.secret) != 401
     clock.advance(timedelta(minutes=5))

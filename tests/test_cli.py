@@ -508,12 +508,6 @@ def test_a_database_from_a_newer_version_is_refused_with_one_line(
     assert "newer than this update-pipeline supports" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=subprocess.TimeoutExpired,
-    reason="app/store/sqlite.py _connect leaks the aiosqlite connection (and its non-daemon"
-    " thread) when a PRAGMA fails, so the process never exits",
-)
 def test_migrate_refuses_a_file_that_is_not_a_database_and_exits(tmp_path: Path) -> None:
     db = tmp_path / "notes.txt"
     db.write_bytes(b"these are not the tables you are looking for\n" * 100)

@@ -477,3 +477,9 @@ def test_a_secret_compares_by_value_without_showing_it() -> None:
 
 def test_settings_list_no_secrets_when_none_are_set() -> None:
     assert Settings.from_env({}).secrets() == []
+
+
+def test_shutdown_timeout_must_leave_some_grace():
+    for value in ("0s", "0ms"):
+        (problem,) = config_error({"UPDATE_PIPELINE_SHUTDOWN_TIMEOUT": value}).problems
+        assert problem == f"UPDATE_PIPELINE_SHUTDOWN_TIMEOUT: {value!r} must be greater than zero"

@@ -810,3 +810,12 @@ async def test_a_dropped_never_reading_client_does_not_hold_up_shutdown(api: Api
         started = time.monotonic()
         await asyncio.wait_for(api.client.server.close(), WAIT)
         assert time.monotonic() - started < 2
+
+
+async def test_a_last_event_id_from_another_database_goes_live_instead_of_hiding_events(
+    api: Api,
+):
+    stale = await newest_id(api) + 1000
+    async with stream(api, await api.token("viewer"), last_event_id=str(stale)) as sse:
+        live = await api.services.bus.publish("canary_started", {})
+        assert (await sse.event()).id == live.id

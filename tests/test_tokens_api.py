@@ -45,7 +45,7 @@ async def test_runner_tokens_for_many_orgs_are_issued_in_one_request(api: Api):
     _, events = await api.get("/events?type=tokens_issued", token=admin)
     (event,) = events["items"]
     assert len(event["data"]["tokens"]) == 50
-    assert event["data"]["by"] == "admin-1"
+    assert event["data"]["by"] == "token:admin-1"
     assert set(event["data"]["tokens"][0]) == {"name", "role", "orgId"}
 
 
@@ -146,7 +146,7 @@ async def test_a_token_revoked_by_another_process_stops_working_within_a_second(
     # The token CLI runs as its own process with its own connection to the same file.
     other = await SqliteStore.open(db_path)
     try:
-        await TokenService(other, clock).revoke("shared")
+        await TokenService(other, clock).revoke("shared", by="test")
     finally:
         await other.close()
 

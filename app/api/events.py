@@ -13,6 +13,7 @@ from app.api.routing import EVENT_STREAM, Call, QueryParam, Route
 from app.auth import Access
 from app.clock import isoformat
 from app.pipeline.events import event_type, sse_name
+from app.services import Services
 from app.store import EventRecord
 
 CATCH_UP_PAGE = 500
@@ -102,6 +103,10 @@ async def stream_events(call: Call) -> web.StreamResponse:
                     sent = event.id
                 if len(batch) < CATCH_UP_PAGE:
                     break
+            if sent == last_id and not await _known_id(services, last_id):
+                # An id from another database (the file was replaced): nothing here is
+                # "after" it, so go live rather than hide every event until ids catch up.
+                sent = 0
         while True:
             try:
                 live = await asyncio.wait_for(subscription.next(), services.sse_keepalive_seconds)
@@ -118,6 +123,11 @@ async def stream_events(call: Call) -> web.StreamResponse:
         return response
     finally:
         services.bus.unsubscribe(subscription)
+
+
+async def _known_id(services: Services, event_id: int) -> bool:
+    newest = await services.store.list_events(limit=1)
+    return bool(newest) and newest[0].id >= event_id
 
 
 def _hang_up(request: web.Request) -> None:

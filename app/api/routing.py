@@ -206,7 +206,7 @@ def _coerce(value: Any, schema: Mapping[str, Any]) -> Any:
     if isinstance(value, list):
         items = schema.get("items", {})
         return [_coerce(v, items) for v in value]
-    if kind == "integer" and re.fullmatch(r"-?\d{1,18}", value):
+    if kind == "integer" and re.fullmatch(r"-?[0-9]{1,18}", value):
         return int(value)
     if kind == "boolean" and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")

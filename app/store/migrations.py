@@ -116,3 +116,5 @@ MIGRATIONS: tuple[Migration, ...] = (
         """,
     ),
 )
+
+LATEST_SCHEMA = MIGRATIONS[-1].version

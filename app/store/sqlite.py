@@ -40,11 +40,23 @@ ACTIVE_SWEEP_STATES = ("pending", "running")
 async def _connect(path: Path) -> aiosqlite.Connection:
     # isolation_level=None: transactions are opened explicitly with BEGIN IMMEDIATE,
     # so a writer takes SQLite's write lock up front instead of failing mid-transaction.
-    db = await aiosqlite.connect(path, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    await db.execute("PRAGMA foreign_keys = ON")
-    await db.execute("PRAGMA synchronous = NORMAL")
+    connection = aiosqlite.connect(path, isolation_level=None)
+    try:
+        db = await connection
+    except BaseException:
+        # aiosqlite queues its worker thread's stop without waiting for it; wait here,
+        # or the thread answers into a closed event loop when the command exits.
+        await asyncio.to_thread(connection._thread.join, 1.0)
+        raise
+    try:
+        db.row_factory = sqlite3.Row
+        await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await db.execute("PRAGMA foreign_keys = ON")
+        await db.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        # An unclosed connection keeps its worker thread, and so the process, alive.
+        await db.close()
+        raise
     return db
 
 
@@ -198,7 +210,7 @@ class SqliteStore:
             # Ids only grow, so everything at or below (newest - keep) is older than the
             # newest `keep` rows; one indexed range delete, whatever the table's size.
             await db.execute("DELETE FROM events WHERE id <= ?", (event_id - keep,))
-        return EventRecord(event_id, type, at, json.loads(payload))
+        return EventRecord(event_id, type, parse_iso(isoformat(at)), json.loads(payload))
 
     async def list_events(
         self, *, types: Sequence[str] = (), before_id: int | None = None, limit: int = 50
