@@ -28,8 +28,8 @@ import pytest
 from app.__main__ import main
 from app.auth import AuthError, Principal, Role, TokenService, hash_token
 from app.clock import Clock, parse_iso
-from app.store import SqliteStore
-from app.store.migrations import MIGRATIONS
+from app.store import InstanceLock, SqliteStore
+from app.store.migrations import LATEST_SCHEMA, MIGRATIONS
 
 LATEST = MIGRATIONS[-1].version
 PREFIX = "/api/update-pipeline"
@@ -614,3 +614,44 @@ def test_token_create_help_explains_every_flag(
     out = capsys.readouterr().out
     for flag in ("--name", "--role", "--org", "--expires", "--db", "30s, 10m", "runner"):
         assert flag in out
+
+
+def test_a_schema_upgrade_waits_until_no_server_holds_the_database(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pretend this build knows a newer schema than the file has.
+    monkeypatch.setattr("app.__main__.LATEST_SCHEMA", LATEST_SCHEMA + 1)
+    server = InstanceLock(cli.db)
+    server.acquire()
+    try:
+        for argv in (("migrate",), ("token", "list")):
+            result = cli(*argv)
+            assert result.code == 1
+            assert "in use by another update-pipeline process" in error_line(result.err)
+            assert "needs upgrading" in error_line(result.err)
+    finally:
+        server.release()
+    assert cli("token", "list").code == 0
+
+
+def test_token_commands_leave_an_audit_event(cli: Cli) -> None:
+    cli.create("audited", "viewer")
+    assert cli("token", "revoke", "audited").code == 0
+
+    async def events() -> list[tuple[str, dict[str, object]]]:
+        store = await SqliteStore.open(cli.db)
+        try:
+            return [(e.type, dict(e.data)) for e in reversed(await store.list_events())]
+        finally:
+            await store.close()
+
+    assert asyncio.run(events()) == [
+        (
+            "tokens_issued",
+            {
+                "tokens": [{"name": "audited", "role": "viewer", "orgId": None}],
+                "by": "command line",
+            },
+        ),
+        ("token_revoked", {"name": "audited", "by": "command line"}),
+    ]
