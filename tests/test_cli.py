@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import shutil
@@ -244,19 +243,11 @@ class Cli:
 
 
 @pytest.fixture
-def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def isolated(monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
     """main() reads the process environment and reconfigures logging: contain both."""
     for name in list(os.environ):
         if name.startswith(OWN_VARIABLES):
             monkeypatch.delenv(name)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -28,17 +26,7 @@ PEM = (
 )
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """configure() replaces the root handlers; put pytest's own back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def emitted(capsys: pytest.CaptureFixture[str]) -> str:
