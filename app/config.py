@@ -194,6 +194,13 @@ class _Reader:
             github_api_url=self.get("GITHUB_API_URL", _base_url, d.github_api_url),
             github_web_url=self.get("GITHUB_WEB_URL", _base_url, d.github_web_url),
         )
+        if (values.github_app_id is None) != (values.github_private_key is None) and not any(
+            p.startswith("GITHUB_PRIVATE_KEY") for p in self.problems
+        ):
+            self.problems.append(
+                "GITHUB_APP_ID and a private key (GITHUB_PRIVATE_KEY or GITHUB_PRIVATE_KEY_PATH)"
+                " go together: set both, or neither to run without GitHub"
+            )
         if self.problems:
             raise ConfigError(self.problems)
         return values

@@ -14,6 +14,8 @@ from app.api.openapi import build_openapi
 from app.api.routing import OPENAPI, SERVICES
 from app.clock import Clock
 from app.config import Settings
+from app.github.app import GitHubApp
+from app.github.installations import InstallationRegistry, InstallationSync
 from app.logs import get_logger
 from app.pipeline import Component, UpdatePipeline
 from app.services import Services
@@ -40,6 +42,14 @@ def create_app(services: Services) -> web.Application:
 
     app.on_shutdown.append(end_streams)
     return app
+
+
+def github_components(services: Services) -> list[Component]:
+    """The pipeline components that exist only when the App has GitHub credentials."""
+    if services.github is None:
+        return []
+    registry = InstallationRegistry(services.store, services.github, services.clock)
+    return [InstallationSync(registry)]
 
 
 async def start_pipeline(services: Services, components: Sequence[Component] = ()) -> None:
@@ -78,8 +88,13 @@ async def serve(
         store = await SqliteStore.open(settings.db_path)
         try:
             services = Services.build(settings, store, clock or Clock())
-            await start_pipeline(services, components)
-            await _run_http(services, stop)
+            services.github = GitHubApp.from_settings(settings, services.clock)
+            try:
+                await start_pipeline(services, [*github_components(services), *components])
+                await _run_http(services, stop)
+            finally:
+                if services.github is not None:
+                    await services.github.close()
         finally:
             await store.close()
     finally:

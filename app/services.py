@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from app.auth import TokenService
 from app.clock import Clock
 from app.config import Settings
+from app.github.app import NOT_CONFIGURED, GitHubApp
 from app.pipeline import UpdatePipeline
 from app.pipeline.events import EventBus
 from app.store import Store
@@ -20,9 +21,14 @@ class Services:
     bus: EventBus
     tokens: TokenService
     pipeline: UpdatePipeline | None = None
+    github: GitHubApp | None = None
     # Why an enabled pipeline is not running (its start failed), for /ready and /status.
     pipeline_error: str | None = None
     sse_keepalive_seconds: float = 15.0
+
+    @property
+    def github_state(self) -> str:
+        return self.github.state if self.github is not None else NOT_CONFIGURED
 
     @classmethod
     def build(cls, settings: Settings, store: Store, clock: Clock) -> Services:

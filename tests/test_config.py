@@ -393,7 +393,7 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_an_inline_private_key_with_literal_backslash_n_gets_real_newlines() -> None:
     inline = PEM.strip().replace("\n", "\\n")
 
-    key = Settings.from_env({"GITHUB_PRIVATE_KEY": inline}).github_private_key
+    key = Settings.from_env({"GITHUB_PRIVATE_KEY": inline, "GITHUB_APP_ID": "7"}).github_private_key
 
     assert key is not None
     assert key.reveal() == PEM.strip()
@@ -404,7 +404,8 @@ def test_the_private_key_can_be_read_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "app.pem"
     path.write_text(PEM, encoding="utf-8")
 
-    key = Settings.from_env({"GITHUB_PRIVATE_KEY_PATH": str(path)}).github_private_key
+    env = {"GITHUB_PRIVATE_KEY_PATH": str(path), "GITHUB_APP_ID": "7"}
+    key = Settings.from_env(env).github_private_key
 
     assert key is not None
     assert key.reveal() == PEM
@@ -455,7 +456,7 @@ def test_secrets_never_show_in_the_settings_repr_or_str() -> None:
         "GITHUB_CLIENT_SECRET": "client-secret-value-3",
     }
 
-    settings = Settings.from_env(values)
+    settings = Settings.from_env({**values, "GITHUB_APP_ID": "7"})
 
     for text in (repr(settings), str(settings), repr(settings.github_webhook_secret)):
         for secret in values.values():
@@ -483,3 +484,13 @@ def test_shutdown_timeout_must_leave_some_grace():
     for value in ("0s", "0ms"):
         (problem,) = config_error({"UPDATE_PIPELINE_SHUTDOWN_TIMEOUT": value}).problems
         assert problem == f"UPDATE_PIPELINE_SHUTDOWN_TIMEOUT: {value!r} must be greater than zero"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"GITHUB_APP_ID": "7"}, {"GITHUB_PRIVATE_KEY": "pem"}],
+    ids=["id without key", "key without id"],
+)
+def test_app_id_and_private_key_go_together(env: dict[str, str]) -> None:
+    (problem,) = config_error(env).problems
+    assert problem.startswith("GITHUB_APP_ID and a private key")

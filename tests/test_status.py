@@ -18,6 +18,7 @@ STATUS_KEYS = {
     "activeSweeps",
     "knownVersions",
     "recommendedBuilds",
+    "github",
 }
 
 
@@ -62,6 +63,7 @@ async def test_status_of_an_empty_pipeline_has_the_design_shape(api: Api):
         "activeSweeps": 0,
         "knownVersions": {"claude_code": None, "codex": None, "gemini_cli": None},
         "recommendedBuilds": {"stable": None, "beta": None},
+        "github": "not configured",
     }
 
 

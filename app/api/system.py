@@ -58,6 +58,7 @@ STATUS_SCHEMA: dict[str, Any] = {
         "activeSweeps",
         "knownVersions",
         "recommendedBuilds",
+        "github",
     ],
     "additionalProperties": False,
     "properties": {
@@ -76,6 +77,11 @@ STATUS_SCHEMA: dict[str, Any] = {
             "required": ["stable", "beta"],
             "additionalProperties": False,
             "properties": {"stable": _NULLABLE_STRING, "beta": _NULLABLE_STRING},
+        },
+        "github": {
+            "type": "string",
+            "description": "GitHub App connection: 'not configured', 'connecting', 'ok', or"
+            " 'error: <reason>'.",
         },
     },
 }
@@ -115,7 +121,7 @@ async def status(call: Call) -> web.StreamResponse:
         message = NOT_ENABLED if services.pipeline_error is None else UNAVAILABLE
         raise ApiError(503, "SERVICE_UNAVAILABLE", message)
     try:
-        body = await services.pipeline.status()
+        body = {**await services.pipeline.status(), "github": services.github_state}
     except Exception:
         log.exception("computing the pipeline status failed")
         raise ApiError(503, "SERVICE_UNAVAILABLE", UNAVAILABLE) from None

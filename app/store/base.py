@@ -84,6 +84,21 @@ class RolloutRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Repository:
+    id: int
+    full_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Installation:
+    id: int
+    account_login: str
+    account_type: str
+    suspended: bool
+    repositories: Sequence[Repository] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class StatusCounts:
     """What ``GET /status`` is computed from, read in one consistent snapshot."""
 
@@ -124,3 +139,19 @@ class Store(Protocol):
     async def add_rollout(self, rollout: RolloutRecord, at: datetime) -> None: ...
     async def set_recommended_build(self, channel: str, build_id: str, at: datetime) -> None: ...
     async def status_counts(self, providers: Sequence[str]) -> StatusCounts: ...
+
+    # GitHub App installations
+    async def replace_installations(
+        self, installations: Sequence[Installation], at: datetime
+    ) -> None: ...
+    async def save_installation(self, installation: Installation, at: datetime) -> None: ...
+    async def delete_installation(self, installation_id: int) -> bool: ...
+    async def set_installation_suspended(
+        self, installation_id: int, suspended: bool, at: datetime
+    ) -> bool: ...
+    async def add_repositories(
+        self, installation_id: int, repositories: Sequence[Repository]
+    ) -> None: ...
+    async def remove_repositories(self, installation_id: int, repo_ids: Sequence[int]) -> None: ...
+    async def list_installations(self) -> list[Installation]: ...
+    async def installation_for_repository(self, full_name: str) -> Installation | None: ...

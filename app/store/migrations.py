@@ -117,4 +117,31 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        2,
+        "GitHub App installations",
+        """
+        -- Where the App is installed, kept current from webhooks and periodic reconciling.
+        CREATE TABLE installations (
+            id            INTEGER PRIMARY KEY,
+            account_login TEXT NOT NULL,
+            account_type  TEXT NOT NULL,
+            suspended     INTEGER NOT NULL DEFAULT 0 CHECK (suspended IN (0, 1)),
+            updated_at    TEXT NOT NULL
+        );
+        CREATE INDEX installations_account ON installations (account_login);
+
+        CREATE TABLE installation_repositories (
+            installation_id INTEGER NOT NULL REFERENCES installations (id) ON DELETE CASCADE,
+            repo_id         INTEGER NOT NULL,
+            full_name       TEXT NOT NULL,
+            PRIMARY KEY (installation_id, repo_id)
+        );
+        CREATE INDEX installation_repositories_name
+            ON installation_repositories (full_name COLLATE NOCASE);
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

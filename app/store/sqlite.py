@@ -20,7 +20,9 @@ from app.store.base import (
     BuildRecord,
     Conflict,
     EventRecord,
+    Installation,
     NewToken,
+    Repository,
     RolloutRecord,
     RuntimeVersionRecord,
     StatusCounts,
@@ -332,6 +334,119 @@ class SqliteStore:
         finally:
             await db.execute("COMMIT")
         return StatusCounts(canaries, rollouts, sweeps, versions, recommended)
+
+    # -- GitHub App installations ---------------------------------------------------------
+
+    async def replace_installations(
+        self, installations: Sequence[Installation], at: datetime
+    ) -> None:
+        """Make the table exactly this list (a reconcile with GitHub), in one transaction."""
+        async with self._transaction() as db:
+            keep = [i.id for i in installations]
+            marks = ", ".join("?" * len(keep))
+            await db.execute(
+                f"DELETE FROM installations WHERE id NOT IN ({marks})",  # noqa: S608
+                keep,
+            )
+            for installation in installations:
+                await _save_installation(db, installation, at)
+                await db.execute(
+                    "DELETE FROM installation_repositories WHERE installation_id = ?",
+                    (installation.id,),
+                )
+                await _insert_repositories(db, installation.id, installation.repositories)
+
+    async def save_installation(self, installation: Installation, at: datetime) -> None:
+        async with self._transaction() as db:
+            await _save_installation(db, installation, at)
+            await _insert_repositories(db, installation.id, installation.repositories)
+
+    async def delete_installation(self, installation_id: int) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM installations WHERE id = ?", (installation_id,))
+            return cursor.rowcount == 1
+
+    async def set_installation_suspended(
+        self, installation_id: int, suspended: bool, at: datetime
+    ) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE installations SET suspended = ?, updated_at = ? WHERE id = ?",
+                (int(suspended), isoformat(at), installation_id),
+            )
+            return cursor.rowcount == 1
+
+    async def add_repositories(
+        self, installation_id: int, repositories: Sequence[Repository]
+    ) -> None:
+        async with self._transaction() as db:
+            await _insert_repositories(db, installation_id, repositories)
+
+    async def remove_repositories(self, installation_id: int, repo_ids: Sequence[int]) -> None:
+        async with self._transaction() as db:
+            await db.executemany(
+                "DELETE FROM installation_repositories WHERE installation_id = ? AND repo_id = ?",
+                [(installation_id, repo_id) for repo_id in repo_ids],
+            )
+
+    async def list_installations(self) -> list[Installation]:
+        async with self._r.execute("SELECT * FROM installations ORDER BY id") as cursor:
+            rows = await cursor.fetchall()
+        async with self._r.execute(
+            "SELECT * FROM installation_repositories ORDER BY installation_id, full_name"
+        ) as cursor:
+            repos: dict[int, list[Repository]] = {}
+            for repo in await cursor.fetchall():
+                repos.setdefault(repo["installation_id"], []).append(
+                    Repository(repo["repo_id"], repo["full_name"])
+                )
+        return [_installation(row, repos.get(row["id"], [])) for row in rows]
+
+    async def installation_for_repository(self, full_name: str) -> Installation | None:
+        async with self._r.execute(
+            "SELECT i.* FROM installations i JOIN installation_repositories r"
+            " ON r.installation_id = i.id WHERE r.full_name = ? COLLATE NOCASE"
+            " ORDER BY i.suspended, i.id LIMIT 1",
+            (full_name,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _installation(row, []) if row else None
+
+
+async def _save_installation(
+    db: aiosqlite.Connection, installation: Installation, at: datetime
+) -> None:
+    await db.execute(
+        "INSERT INTO installations (id, account_login, account_type, suspended, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+        # Some events carry only the installation's id: keep the account we knew.
+        " account_login = coalesce(nullif(excluded.account_login, ''), account_login),"
+        " account_type = coalesce(nullif(excluded.account_type, ''), account_type),"
+        " suspended = excluded.suspended, updated_at = excluded.updated_at",
+        (
+            installation.id,
+            installation.account_login,
+            installation.account_type,
+            int(installation.suspended),
+            isoformat(at),
+        ),
+    )
+
+
+async def _insert_repositories(
+    db: aiosqlite.Connection, installation_id: int, repositories: Sequence[Repository]
+) -> None:
+    await db.executemany(
+        "INSERT INTO installation_repositories (installation_id, repo_id, full_name)"
+        " VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET full_name = excluded.full_name",
+        [(installation_id, r.id, r.full_name) for r in repositories],
+    )
+
+
+def _installation(row: sqlite3.Row, repositories: Sequence[Repository]) -> Installation:
+    return Installation(
+        row["id"], row["account_login"], row["account_type"], bool(row["suspended"]), repositories
+    )
 
 
 async def _count(db: aiosqlite.Connection, table: str, states: Sequence[str]) -> int:
