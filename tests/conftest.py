@@ -22,10 +22,13 @@ from app.api.routing import PREFIX
 from app.auth import Role, hash_token, new_secret
 from app.clock import ManualClock
 from app.config import Settings
+from app.github.app import GitHubApp
 from app.pipeline import Component
 from app.server import create_app, start_pipeline
 from app.services import Services
 from app.store import NewToken, SqliteStore
+
+pytest_plugins = ["tests.github_fixtures"]
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -182,12 +185,17 @@ async def make_api(
     opened: list[tuple[SqliteStore, Services, TestClient]] = []
 
     async def make(
-        *, settings_override: Settings | None = None, components: Sequence[Component] = ()
+        *,
+        settings_override: Settings | None = None,
+        components: Sequence[Component] = (),
+        with_github: bool = False,
     ) -> Api:
         active = settings_override or settings
         store = await SqliteStore.open(active.db_path)
         services = Services.build(active, store, clock)
         services.sse_keepalive_seconds = 0.2
+        if with_github:
+            services.github = GitHubApp.from_settings(active, clock)
         await start_pipeline(services, components)
         client = await aiohttp_client(create_app(services))
         opened.append((store, services, client))
@@ -199,6 +207,8 @@ async def make_api(
         await client.close()
         if services.pipeline is not None:
             await services.pipeline.stop()
+        if services.github is not None:
+            await services.github.close()
         await store.close()
 
 

@@ -174,3 +174,17 @@ async def test_the_sync_component_reconciles_at_start_and_survives_github_outage
         assert len(await store.list_installations()) == 1  # nothing lost
     finally:
         await pipeline.stop()
+
+
+async def test_a_client_obtained_before_a_suspension_stops_calling(
+    github, registry: InstallationRegistry, app_github: GitHubApp
+):
+    acme = github.add_installation(account="acme", repos=["acme/runner"])
+    client = app_github.installation(acme)
+    await registry.on_installation(
+        "suspend", {"installation": {"id": acme, "account": {"login": "acme"}}}
+    )
+    before = len(github.requests)
+    with pytest.raises(InstallationSuspended):
+        await client.getitem("/repos/acme/runner/topics")
+    assert len(github.requests) == before

@@ -9,7 +9,12 @@ from cachetools import LRUCache
 
 from app.clock import Clock
 from app.config import Settings
-from app.github.auth import AppAuth, InstallationAuth, InstallationTokens
+from app.github.auth import (
+    AppAuth,
+    InstallationAuth,
+    InstallationSuspended,
+    InstallationTokens,
+)
 from app.github.client import GitHubClient, GitHubStats, Pacer, RetryPolicy, Sleep
 from app.github.keys import PrivateKey, load_private_key
 from app.logs import get_logger
@@ -17,11 +22,8 @@ from app.logs import get_logger
 log = get_logger("github")
 
 NOT_CONFIGURED = "not configured"
+__all__ = ["NOT_CONFIGURED", "GitHubApp", "InstallationSuspended"]
 ETAG_CACHE_ENTRIES = 500
-
-
-class InstallationSuspended(Exception):
-    """A suspended installation gets no calls."""
 
 
 class GitHubApp:
@@ -72,9 +74,13 @@ class GitHubApp:
             raise InstallationSuspended(f"installation {installation_id} is suspended")
         client = self._installations.get(installation_id)
         if client is None:
-            client = self._client(InstallationAuth(installation_id, self.tokens))
+            auth = InstallationAuth(installation_id, self.tokens, self.is_suspended)
+            client = self._client(auth)
             self._installations[installation_id] = client
         return client
+
+    def is_suspended(self, installation_id: int) -> bool:
+        return installation_id in self.suspended
 
     async def close(self) -> None:
         if self._own_session:

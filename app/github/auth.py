@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,10 @@ class AppAuth:
         return False
 
 
+class InstallationSuspended(Exception):
+    """A suspended installation gets no calls."""
+
+
 @dataclass(frozen=True, slots=True)
 class InstallationToken:
     token: str
@@ -121,13 +126,25 @@ class InstallationTokens:
 class InstallationAuth:
     """Authenticates as one installation (``Authorization: token <access token>``)."""
 
-    def __init__(self, installation_id: int, tokens: InstallationTokens) -> None:
+    def __init__(
+        self,
+        installation_id: int,
+        tokens: InstallationTokens,
+        is_suspended: Callable[[int], bool] = lambda _: False,
+    ) -> None:
         self.installation_id = installation_id
         self.tokens = tokens
+        self.is_suspended = is_suspended
         self.pacing_key: str | None = f"installation:{installation_id}"
 
     async def authorization(self) -> str:
+        # Checked per request, so a client obtained before a suspension stops too.
+        if self.is_suspended(self.installation_id):
+            raise InstallationSuspended(f"installation {self.installation_id} is suspended")
         return f"token {await self.tokens.get(self.installation_id)}"
 
     async def rejected(self, value: str) -> bool:
-        return self.tokens.invalidate(self.installation_id, value.removeprefix("token "))
+        # Worth the one retry even when the token is no longer cached: a concurrent request
+        # that met the same rejection has already dropped it, so the next one is fresh.
+        self.tokens.invalidate(self.installation_id, value.removeprefix("token "))
+        return True

@@ -197,6 +197,7 @@ class GitHubClient(GitHubAPI):
                     if secondary > self.policy.secondary_attempts:
                         return status, response_headers, data
                     await self._wait_for_limit(wait, f"{method} {url}")
+                    self._exhausted_until = 0.0  # that wait already covered the reset
                     continue
             if status >= 500 and method in IDEMPOTENT:
                 failures += 1
