@@ -12,6 +12,8 @@ import pytest
 
 from app.clock import ManualClock
 from app.config import Secret, Settings
+from app.github.app import GitHubApp
+from app.github.keys import load_private_key
 from tests import fake_github
 from tests.fake_github import FakeGitHub
 
@@ -37,6 +39,42 @@ def github_settings(settings: Settings, github: FakeGitHub) -> Settings:
         github_api_url=github.url,
         github_webhook_secret=Secret(WEBHOOK_SECRET),
     )
+
+
+class RecordedSleep:
+    """The GitHub client's sleep in tests: records each delay and returns at once.
+    A test module that needs time to pass overrides the ``github_sleep`` fixture."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+@pytest.fixture
+def github_sleep() -> RecordedSleep:
+    return RecordedSleep()
+
+
+@pytest.fixture
+async def app_github(
+    github_settings: Settings, clock: ManualClock, github_sleep: RecordedSleep
+) -> AsyncIterator[GitHubApp]:
+    """The app's GitHub connection, authenticated against the fake."""
+    key = load_private_key(github_settings)
+    assert key is not None
+    app = GitHubApp(github_settings, key, clock, sleep=github_sleep)
+    yield app
+    await app.close()
+
+
+@pytest.fixture
+def installation(github: FakeGitHub) -> int:
+    """One installation, on the organisation acme, covering acme/runner."""
+    installation = github.add_installation(account="acme", repos=["acme/runner"])
+    github.repo("acme/runner").topics = ["runner"]
+    return installation
 
 
 def _collect() -> list[str]:

@@ -8,7 +8,7 @@ import copy
 import hashlib
 import logging
 import pickle
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -232,26 +232,6 @@ async def test_a_rejected_jwt_is_replaced_only_if_it_is_the_current_one(
 ACCESS_TOKENS = "POST /app/installations/{installation_id}/access_tokens"
 GET_TOPICS = "GET /repos/{owner}/{repo}/topics"
 TOPICS = "/repos/acme/runner/topics"
-
-
-async def no_wait(_: float) -> None:
-    return None
-
-
-@pytest.fixture
-async def app_github(github_settings: Settings, clock: ManualClock) -> AsyncIterator[GitHubApp]:
-    key = load_private_key(github_settings)
-    assert key is not None
-    app = GitHubApp(github_settings, key, clock, sleep=no_wait)
-    yield app
-    await app.close()
-
-
-@pytest.fixture
-def installation(github: FakeGitHub) -> int:
-    installation = github.add_installation(account="acme", repos=["acme/runner"])
-    github.repo("acme/runner").topics = ["runner"]
-    return installation
 
 
 def authorizations(github: FakeGitHub, pattern: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +14,6 @@ from cachetools import LRUCache
 from gidgethub import BadRequest, GitHubBroken
 
 from app.clock import ManualClock
-from app.config import Settings
 from app.github.app import GitHubApp, InstallationSuspended
 from app.github.auth import InstallationAuth
 from app.github.client import (
@@ -25,7 +24,6 @@ from app.github.client import (
     Pacer,
     RetryPolicy,
 )
-from app.github.keys import load_private_key
 from tests.fake_github import FakeGitHub
 
 
@@ -45,6 +43,12 @@ class ClockSleep:
 @pytest.fixture
 def clock_sleep(clock: ManualClock) -> ClockSleep:
     return ClockSleep(clock)
+
+
+@pytest.fixture
+def github_sleep(clock_sleep: ClockSleep) -> ClockSleep:
+    """Here the GitHub client's waits move the clock, so rate limits and pacing play out."""
+    return clock_sleep
 
 
 # -- Pacing (the Pacer alone, on a ManualClock) -----------------------------------------
@@ -163,24 +167,6 @@ class TopJitter(random.Random):
 
     def uniform(self, a: float, b: float) -> float:
         return b
-
-
-@pytest.fixture
-async def app_github(
-    github_settings: Settings, clock: ManualClock, clock_sleep: ClockSleep
-) -> AsyncIterator[GitHubApp]:
-    key = load_private_key(github_settings)
-    assert key is not None
-    app = GitHubApp(github_settings, key, clock, sleep=clock_sleep)
-    yield app
-    await app.close()
-
-
-@pytest.fixture
-def installation(github: FakeGitHub) -> int:
-    installation = github.add_installation(account="acme", repos=["acme/runner"])
-    github.repo("acme/runner").topics = ["runner"]
-    return installation
 
 
 MakeClient = Callable[..., GitHubClient]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 from app.config import Settings
 from app.github.app import GitHubApp, InstallationSuspended
 from app.github.installations import InstallationRegistry, InstallationSync
-from app.github.keys import load_private_key
 from app.pipeline import UpdatePipeline
 from app.pipeline.events import EventBus
 from app.store import Installation, Repository, SqliteStore
@@ -23,19 +21,6 @@ WEBHOOKS = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "web
 
 def payload(name: str) -> dict:
     return json.loads((WEBHOOKS / f"{name}.json").read_text())
-
-
-async def no_wait(_: float) -> None:
-    return None
-
-
-@pytest.fixture
-async def app_github(github_settings: Settings, clock) -> AsyncIterator[GitHubApp]:
-    key = load_private_key(github_settings)
-    assert key is not None
-    app = GitHubApp(github_settings, key, clock, sleep=no_wait)
-    yield app
-    await app.close()
 
 
 @pytest.fixture
