@@ -111,6 +111,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 1024 * 1024
+    webhook_max_bytes: int = 25 * 1024 * 1024  # GitHub caps payloads at 25 MiB
     shutdown_timeout: timedelta = timedelta(seconds=30)
     log_format: str = "text"
     log_level: str = "INFO"
@@ -178,6 +179,9 @@ class _Reader:
             port=self.get("UPDATE_PIPELINE_PORT", parse_port, d.port),
             max_body_bytes=self.get(
                 "UPDATE_PIPELINE_MAX_BODY_BYTES", _body_limit, d.max_body_bytes
+            ),
+            webhook_max_bytes=self.get(
+                "UPDATE_PIPELINE_WEBHOOK_MAX_BYTES", _body_limit, d.webhook_max_bytes
             ),
             shutdown_timeout=self.get(
                 "UPDATE_PIPELINE_SHUTDOWN_TIMEOUT", _positive_duration, d.shutdown_timeout

@@ -14,8 +14,10 @@ from app.api.openapi import build_openapi
 from app.api.routing import OPENAPI, SERVICES
 from app.clock import Clock
 from app.config import Settings
+from app.github import installations
 from app.github.app import GitHubApp
 from app.github.installations import InstallationRegistry, InstallationSync
+from app.github.webhooks import WebhookContext, WebhookProcessor
 from app.logs import get_logger
 from app.pipeline import Component, UpdatePipeline
 from app.services import Services
@@ -45,11 +47,18 @@ def create_app(services: Services) -> web.Application:
 
 
 def github_components(services: Services) -> list[Component]:
-    """The pipeline components that exist only when the App has GitHub credentials."""
-    if services.github is None:
-        return []
-    registry = InstallationRegistry(services.store, services.github, services.clock)
-    return [InstallationSync(registry)]
+    """The pipeline's GitHub parts. Deliveries are stored whatever happens here; the
+    worker that processes them runs with the pipeline."""
+    registry = None
+    components: list[Component] = []
+    if services.github is not None:
+        registry = InstallationRegistry(services.store, services.github, services.clock)
+        components.append(InstallationSync(registry))
+    # Every feature's router, merged here so one place shows all that reacts to GitHub.
+    routers = [installations.router]
+    context = WebhookContext(installations=registry)
+    components.append(WebhookProcessor(services.deliveries, routers, context))
+    return components
 
 
 async def start_pipeline(services: Services, components: Sequence[Component] = ()) -> None:

@@ -8,6 +8,7 @@ from app.auth import TokenService
 from app.clock import Clock
 from app.config import Settings
 from app.github.app import NOT_CONFIGURED, GitHubApp
+from app.github.webhooks import Deliveries
 from app.pipeline import UpdatePipeline
 from app.pipeline.events import EventBus
 from app.store import Store
@@ -20,6 +21,7 @@ class Services:
     clock: Clock
     bus: EventBus
     tokens: TokenService
+    deliveries: Deliveries
     pipeline: UpdatePipeline | None = None
     github: GitHubApp | None = None
     # Why an enabled pipeline is not running (its start failed), for /ready and /status.
@@ -33,4 +35,6 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, store: Store, clock: Clock) -> Services:
         bus = EventBus(store, clock)
-        return cls(settings, store, clock, bus, TokenService(store, clock, bus))
+        return cls(
+            settings, store, clock, bus, TokenService(store, clock, bus), Deliveries(store, clock)
+        )

@@ -24,7 +24,7 @@ from app.clock import ManualClock
 from app.config import Settings
 from app.github.app import GitHubApp
 from app.pipeline import Component
-from app.server import create_app, start_pipeline
+from app.server import create_app, github_components, start_pipeline
 from app.services import Services
 from app.store import NewToken, SqliteStore
 
@@ -196,6 +196,7 @@ async def make_api(
         services.sse_keepalive_seconds = 0.2
         if with_github:
             services.github = GitHubApp.from_settings(active, clock)
+            components = [*github_components(services), *components]
         await start_pipeline(services, components)
         client = await aiohttp_client(create_app(services))
         opened.append((store, services, client))

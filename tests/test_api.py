@@ -14,7 +14,7 @@ from app.auth import Access, Role, TokenSpec
 from tests.conftest import Api
 
 ROUTES = build_route_table().routes
-PROTECTED = [r for r in ROUTES if r.access is not Access.PUBLIC]
+PROTECTED = [r for r in ROUTES if r.bearer]
 
 
 def _concrete(route: Route) -> str:
@@ -238,14 +238,16 @@ async def test_every_registered_route_is_documented_and_nothing_else(api: Api):
         for method in operations
     }
     assert registered == documented
-    assert all(path.startswith(PREFIX) for _, path in documented)
+    assert all(path.startswith((PREFIX, "/api/github/")) for _, path in documented)
 
 
 async def test_protected_operations_declare_bearer_auth_and_their_role(api: Api):
     for route in ROUTES:
         operation = api.openapi["paths"][route.full_path][route.method.lower()]
         assert operation["x-required-role"] == route.access.value
-        if route.access is Access.PUBLIC:
+        if route.access is Access.GITHUB_SIGNATURE:
+            assert operation["security"] == [{"githubSignature": []}]
+        elif route.access is Access.PUBLIC:
             assert operation["security"] == []
             assert "401" not in operation["responses"]
         else:

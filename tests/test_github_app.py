@@ -51,6 +51,13 @@ async def test_status_reports_the_github_connection(make_api: MakeApi, github_se
     assert body["github"] == "ok"
 
 
-async def test_github_components_exist_only_with_credentials(make_api: MakeApi):
+async def test_without_credentials_only_the_webhook_worker_runs(make_api: MakeApi):
     api = await make_api()
-    assert github_components(api.services) == []
+    assert [c.name for c in github_components(api.services)] == ["webhooks"]
+
+
+async def test_with_credentials_installations_are_kept_in_sync(
+    make_api: MakeApi, github_settings, github
+):
+    api = await make_api(settings_override=github_settings, with_github=True)
+    assert [c.name for c in github_components(api.services)] == ["installations", "webhooks"]

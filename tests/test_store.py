@@ -198,3 +198,33 @@ def test_the_lock_dies_with_a_crashed_holder(db_path: Path):
 def test_a_database_in_a_missing_folder_is_a_clear_error(tmp_path: Path):
     with pytest.raises(StoreError, match=r"cannot create lock file .*No such file or directory"):
         InstanceLock(tmp_path / "missing" / "x.db").acquire()
+
+
+async def test_a_transaction_left_open_by_a_cancelled_task_is_rolled_back_first(
+    store: SqliteStore,
+):
+    # What a task cancelled between BEGIN and COMMIT leaves behind: an open transaction
+    # with a write in it, and the mark that something was interrupted.
+    await store._w.execute("BEGIN IMMEDIATE")
+    await store._w.execute(
+        "INSERT INTO events (type, created_at, data) VALUES ('half', '2026-01-01', '{}')"
+    )
+    store._interrupted = True
+
+    await store.add_tokens([_token("after", "h1")])
+
+    assert [t.name for t in await store.list_tokens()] == ["after"]
+    assert [e.type for e in await store.list_events()] == []
+
+
+async def test_cancelling_writers_never_wedges_the_store(store: SqliteStore):
+    import asyncio
+
+    for i in range(40):
+        task = asyncio.create_task(store.append_event("tick", {"i": i}, START, keep=100))
+        await asyncio.sleep(0)
+        if i % 2:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await store.append_event("last", {}, START, keep=100)
+    assert (await store.list_events(limit=1))[0].type == "last"

@@ -1,6 +1,6 @@
 """The HTTP API: thin handlers over the pipeline, one module per resource."""
 
-from app.api import events, system, tokens
+from app.api import events, system, tokens, webhooks
 from app.api.routing import RouteTable
 
 
@@ -10,4 +10,5 @@ def build_route_table() -> RouteTable:
     table.extend(system.ROUTES)
     table.extend(tokens.ROUTES)
     table.extend(events.ROUTES)
+    table.extend(webhooks.ROUTES)
     return table

@@ -35,7 +35,13 @@ def build_openapi(table: RouteTable) -> dict[str, Any]:
                     "scheme": "bearer",
                     "description": "An API token from `update-pipeline token create` or "
                     "`POST /api/update-pipeline/tokens`.",
-                }
+                },
+                "githubSignature": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-Hub-Signature-256",
+                    "description": "sha256=<HMAC-SHA256 of the body with GITHUB_WEBHOOK_SECRET>",
+                },
             },
         },
     }
@@ -51,7 +57,10 @@ def _operation(route: Route) -> dict[str, Any]:
     }
     if route.description:
         operation["description"] = route.description
-    operation["security"] = [] if route.access is Access.PUBLIC else [{"bearerToken": []}]
+    if route.access is Access.GITHUB_SIGNATURE:
+        operation["security"] = [{"githubSignature": []}]
+    else:
+        operation["security"] = [{"bearerToken": []}] if route.bearer else []
     parameters = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         for name in route.path_params
@@ -79,6 +88,8 @@ def _operation(route: Route) -> dict[str, Any]:
         if status == route.status:
             if route.response is not None:
                 response["content"] = {route.content_type: {"schema": dict(route.response)}}
+        elif status in route.also:
+            response["content"] = {JSON: {"schema": dict(route.also[status][1])}}
         else:
             response["content"] = {JSON: {"schema": _ERROR_REF}}
         operation["responses"][str(status)] = response

@@ -63,10 +63,17 @@ class Route:
     content_type: str = JSON
     description: str = ""
     tag: str = "pipeline"
+    # Other non-error answers: status -> (description, body schema).
+    also: Mapping[int, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
+    prefix: str = PREFIX
 
     @property
     def full_path(self) -> str:
-        return PREFIX + self.path
+        return self.prefix + self.path
+
+    @property
+    def bearer(self) -> bool:
+        return self.access not in (Access.PUBLIC, Access.GITHUB_SIGNATURE)
 
     @property
     def path_params(self) -> list[str]:
@@ -101,9 +108,11 @@ def statuses(route: Route) -> dict[int, str]:
     found = {route.status: "Success."}
     if route.request is not None or route.query or route.path_params:
         found[400] = "The request is malformed or fails validation."
-    if route.access is not Access.PUBLIC:
+    if route.bearer:
         found[401] = "No valid bearer token (missing, unknown, revoked or expired)."
         found[403] = f"The token's role may not call this route (needs {route.access.value})."
+    for status, (description, _) in route.also.items():
+        found[status] = description
     if route.request is not None:
         found[413] = "The body is larger than UPDATE_PIPELINE_MAX_BODY_BYTES."
     found.update(route.errors)
@@ -118,7 +127,7 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
     async def endpoint(request: web.Request) -> web.StreamResponse:
         services = request.app[SERVICES]
         principal = None
-        if route.access is not Access.PUBLIC:
+        if route.bearer:
             principal = await _authenticate(request, services)
             if not route.access.allows(principal.role):
                 raise ApiError(

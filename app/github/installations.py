@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from gidgethub import GitHubException
+from gidgethub import GitHubException, routing, sansio
 
 from app.clock import Clock
 from app.github.app import GitHubApp
@@ -16,6 +16,7 @@ from app.logs import get_logger
 from app.store import Installation, Repository, Store
 
 if TYPE_CHECKING:
+    from app.github.webhooks import WebhookContext
     from app.pipeline import UpdatePipeline
 
 log = get_logger("github.installations")
@@ -100,6 +101,21 @@ class InstallationRegistry:
         elif action == "removed":
             removed = [int(r["id"]) for r in payload.get("repositories_removed") or ()]
             await self.store.remove_repositories(installation_id, removed)
+
+
+router = routing.Router()
+
+
+@router.register("installation")
+async def installation_event(event: sansio.Event, context: WebhookContext) -> None:
+    if context.installations is not None:
+        await context.installations.on_installation(event.data["action"], event.data)
+
+
+@router.register("installation_repositories")
+async def installation_repositories_event(event: sansio.Event, context: WebhookContext) -> None:
+    if context.installations is not None:
+        await context.installations.on_installation_repositories(event.data["action"], event.data)
 
 
 class InstallationSync:

@@ -3,6 +3,7 @@
 from app.store.base import (
     BuildRecord,
     Conflict,
+    Delivery,
     EventRecord,
     Installation,
     NewToken,
@@ -20,6 +21,7 @@ from app.store.sqlite import SqliteStore
 __all__ = [
     "BuildRecord",
     "Conflict",
+    "Delivery",
     "EventRecord",
     "Installation",
     "InstanceLock",

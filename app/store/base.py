@@ -99,6 +99,21 @@ class Installation:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    delivery_id: str
+    event: str
+    action: str | None
+    installation_id: int | None
+    payload: str  # the JSON body exactly as GitHub sent it
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    received_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusCounts:
     """What ``GET /status`` is computed from, read in one consistent snapshot."""
 
@@ -155,3 +170,17 @@ class Store(Protocol):
     async def remove_repositories(self, installation_id: int, repo_ids: Sequence[int]) -> None: ...
     async def list_installations(self) -> list[Installation]: ...
     async def installation_for_repository(self, full_name: str) -> Installation | None: ...
+
+    # Webhook deliveries
+    async def add_delivery(self, delivery: Delivery) -> bool: ...
+    async def due_deliveries(self, now: datetime, *, limit: int) -> list[Delivery]: ...
+    async def next_delivery_due(self) -> datetime | None: ...
+    async def finish_delivery(self, delivery_id: str, at: datetime) -> None: ...
+    async def fail_delivery(
+        self, delivery_id: str, error: str, *, retry_at: datetime | None, at: datetime
+    ) -> None: ...
+    async def requeue_delivery(self, delivery_id: str, at: datetime) -> Delivery | None: ...
+    async def list_deliveries(
+        self, *, status: str | None, before: str | None, limit: int
+    ) -> list[Delivery]: ...
+    async def prune_deliveries(self, older_than: datetime) -> int: ...

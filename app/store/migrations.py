@@ -144,4 +144,31 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        3,
+        "webhook deliveries",
+        """
+        -- Verified webhook deliveries, stored before they are acknowledged, processed by a
+        -- background worker. The delivery id makes a redelivery a no-op.
+        CREATE TABLE webhook_deliveries (
+            delivery_id     TEXT PRIMARY KEY,
+            event           TEXT NOT NULL,
+            action          TEXT,
+            installation_id INTEGER,
+            payload         TEXT NOT NULL,
+            status          TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'done', 'failed')),
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT NOT NULL,
+            last_error      TEXT,
+            received_at     TEXT NOT NULL,
+            finished_at     TEXT
+        );
+        CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_at);
+        CREATE INDEX webhook_deliveries_received ON webhook_deliveries (received_at);
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

@@ -19,6 +19,7 @@ from app.logs import get_logger
 from app.store.base import (
     BuildRecord,
     Conflict,
+    Delivery,
     EventRecord,
     Installation,
     NewToken,
@@ -69,6 +70,7 @@ class SqliteStore:
         self._r = reader
         self._write_lock = asyncio.Lock()
         self._snapshot_lock = asyncio.Lock()
+        self._interrupted = False
 
     @classmethod
     async def open(cls, path: Path, *, migrate: bool = True) -> SqliteStore:
@@ -119,13 +121,22 @@ class SqliteStore:
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """Every multi-row change goes through here: all of it commits, or none of it."""
         async with self._write_lock:
+            if self._interrupted:
+                # A task cancelled mid-BEGIN or mid-COMMIT may have left its statements
+                # queued on the connection: let them run, then undo what they left open.
+                await self._w.execute("SELECT 1")
+                if self._w.in_transaction:
+                    await self._w.execute("ROLLBACK")
+            self._interrupted = True
             await self._w.execute("BEGIN IMMEDIATE")
             try:
                 yield self._w
             except BaseException:
                 await self._w.execute("ROLLBACK")
+                self._interrupted = False
                 raise
             await self._w.execute("COMMIT")
+            self._interrupted = False
 
     # -- API tokens -------------------------------------------------------------------
 
@@ -411,6 +422,126 @@ class SqliteStore:
         ) as cursor:
             row = await cursor.fetchone()
         return _installation(row, []) if row else None
+
+    # -- Webhook deliveries --------------------------------------------------------------
+
+    async def add_delivery(self, delivery: Delivery) -> bool:
+        """Store a delivery once; False when its id was seen before (a redelivery)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO webhook_deliveries (delivery_id, event, action, installation_id,"
+                " payload, status, attempts, next_attempt_at, received_at)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)"
+                " ON CONFLICT (delivery_id) DO NOTHING",
+                (
+                    delivery.delivery_id,
+                    delivery.event,
+                    delivery.action,
+                    delivery.installation_id,
+                    delivery.payload,
+                    isoformat(delivery.next_attempt_at),
+                    isoformat(delivery.received_at),
+                ),
+            )
+            return cursor.rowcount == 1
+
+    async def due_deliveries(self, now: datetime, *, limit: int) -> list[Delivery]:
+        async with self._r.execute(
+            "SELECT * FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+            " ORDER BY received_at, delivery_id LIMIT ?",
+            (isoformat(now), limit),
+        ) as cursor:
+            return [_delivery(row) for row in await cursor.fetchall()]
+
+    async def next_delivery_due(self) -> datetime | None:
+        value = await _scalar(
+            self._r, "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE status = 'pending'"
+        )
+        return parse_iso(value) if value else None
+
+    async def finish_delivery(self, delivery_id: str, at: datetime) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE webhook_deliveries SET status = 'done', attempts = attempts + 1,"
+                " finished_at = ?, last_error = NULL WHERE delivery_id = ?",
+                (isoformat(at), delivery_id),
+            )
+
+    async def fail_delivery(
+        self, delivery_id: str, error: str, *, retry_at: datetime | None, at: datetime
+    ) -> None:
+        """Record a failed attempt: due again at ``retry_at``, or parked when None."""
+        async with self._transaction() as db:
+            if retry_at is None:
+                await db.execute(
+                    "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1,"
+                    " last_error = ?, finished_at = ? WHERE delivery_id = ?",
+                    (error, isoformat(at), delivery_id),
+                )
+            else:
+                await db.execute(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, last_error = ?,"
+                    " next_attempt_at = ? WHERE delivery_id = ?",
+                    (error, isoformat(retry_at), delivery_id),
+                )
+
+    async def requeue_delivery(self, delivery_id: str, at: datetime) -> Delivery | None:
+        async with (
+            self._transaction() as db,
+            db.execute(
+                "UPDATE webhook_deliveries SET status = 'pending', attempts = 0,"
+                " next_attempt_at = ?, finished_at = NULL WHERE delivery_id = ? RETURNING *",
+                (isoformat(at), delivery_id),
+            ) as cursor,
+        ):
+            row = await cursor.fetchone()
+        return _delivery(row) if row else None
+
+    async def list_deliveries(
+        self, *, status: str | None, before: str | None, limit: int
+    ) -> list[Delivery]:
+        clauses: list[str] = []
+        params: list[object] = []
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(status)
+        if before is not None:
+            clauses.append(
+                "(received_at, delivery_id) < (SELECT received_at, delivery_id"
+                " FROM webhook_deliveries WHERE delivery_id = ?)"
+            )
+            params.append(before)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            f"SELECT * FROM webhook_deliveries {where}"  # noqa: S608
+            " ORDER BY received_at DESC, delivery_id DESC LIMIT ?"
+        )
+        async with self._r.execute(sql, (*params, limit)) as cursor:
+            return [_delivery(row) for row in await cursor.fetchall()]
+
+    async def prune_deliveries(self, older_than: datetime) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM webhook_deliveries WHERE status != 'pending' AND received_at < ?",
+                (isoformat(older_than),),
+            )
+            return cursor.rowcount
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(
+        delivery_id=row["delivery_id"],
+        event=row["event"],
+        action=row["action"],
+        installation_id=row["installation_id"],
+        payload=row["payload"],
+        status=row["status"],
+        attempts=row["attempts"],
+        next_attempt_at=parse_iso(row["next_attempt_at"]),
+        last_error=row["last_error"],
+        received_at=parse_iso(row["received_at"]),
+        finished_at=_dt(row["finished_at"]),
+    )
 
 
 async def _save_installation(

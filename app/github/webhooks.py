@@ -1,0 +1,172 @@
+"""Webhook deliveries: verified, stored once, then processed by a worker through routers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from gidgethub import routing, sansio
+
+from app.clock import Clock
+from app.logs import get_logger
+from app.store import Delivery, Store
+
+if TYPE_CHECKING:
+    from app.github.installations import InstallationRegistry
+    from app.pipeline import UpdatePipeline
+
+log = get_logger("github.webhooks")
+
+MAX_ATTEMPTS = 5
+RETRY_BASE = timedelta(seconds=2)
+RETRY_CEILING = timedelta(minutes=10)
+KEEP_DELIVERIES = timedelta(days=30)
+BATCH = 50
+
+
+def signature_valid(secret: str, body: bytes, header: str) -> bool:
+    """``X-Hub-Signature-256`` check, in constant time. SHA-1 signatures are not accepted."""
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), header.strip().encode())
+
+
+@dataclass
+class WebhookContext:
+    """What handlers get besides the event: the parts of the app they may act on."""
+
+    installations: InstallationRegistry | None = None
+
+
+class Deliveries:
+    """Accepts verified deliveries into the store and wakes the worker."""
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+        self.wake = asyncio.Event()
+
+    async def accept(self, event: str, delivery_id: str, body: bytes, data: Any) -> bool:
+        """Store the delivery; False when this delivery id was stored before."""
+        now = self.clock.now()
+        installation = data.get("installation") if isinstance(data, dict) else None
+        action = data.get("action") if isinstance(data, dict) else None
+        stored = await self.store.add_delivery(
+            Delivery(
+                delivery_id=delivery_id,
+                event=event,
+                action=action if isinstance(action, str) else None,
+                installation_id=_installation_id(installation),
+                payload=body.decode("utf-8"),
+                status="pending",
+                attempts=0,
+                next_attempt_at=now,
+                last_error=None,
+                received_at=now,
+                finished_at=None,
+            )
+        )
+        if stored:
+            self.wake.set()
+        return stored
+
+
+class WebhookProcessor:
+    """Pipeline component: processes stored deliveries through the merged routers.
+
+    Deliveries stored but not finished before a crash are still ``pending`` and are
+    processed after the next start, so handlers must tolerate seeing one twice."""
+
+    name = "webhooks"
+
+    def __init__(
+        self,
+        deliveries: Deliveries,
+        routers: Sequence[routing.Router],
+        context: WebhookContext,
+        *,
+        idle_check: float = 5.0,
+    ) -> None:
+        self.deliveries = deliveries
+        self.store = deliveries.store
+        self.clock = deliveries.clock
+        self.router = routing.Router(*routers)
+        self.context = context
+        self.idle_check = idle_check
+
+    async def start(self, pipeline: UpdatePipeline) -> None:
+        pipeline.spawn("webhook-worker", self._loop())
+
+    async def stop(self) -> None:
+        return None
+
+    async def _loop(self) -> None:
+        last_prune = None
+        while True:
+            self.deliveries.wake.clear()
+            while batch := await self.store.due_deliveries(self.clock.now(), limit=BATCH):
+                for delivery in batch:
+                    await self.process(delivery)
+            today = self.clock.now().date()
+            if last_prune != today:
+                pruned = await self.store.prune_deliveries(self.clock.now() - KEEP_DELIVERIES)
+                last_prune = today
+                if pruned:
+                    log.info("forgot %d delivery id(s) older than 30 days", pruned)
+            await self._idle()
+
+    async def _idle(self) -> None:
+        due = await self.store.next_delivery_due()
+        wait = self.idle_check
+        if due is not None:
+            wait = min(wait, max(0.0, (due - self.clock.now()).total_seconds()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.deliveries.wake.wait(), wait)
+
+    async def process(self, delivery: Delivery) -> None:
+        event = sansio.Event(
+            json.loads(delivery.payload), event=delivery.event, delivery_id=delivery.delivery_id
+        )
+        if not self.router.fetch(event):
+            log.debug("no handler for %s (%s)", delivery.event, delivery.delivery_id)
+        try:
+            await self.router.dispatch(event, self.context)
+        except Exception as exc:
+            await self._failed(delivery, f"{type(exc).__name__}: {exc}")
+            return
+        await self.store.finish_delivery(delivery.delivery_id, self.clock.now())
+
+    async def _failed(self, delivery: Delivery, error: str) -> None:
+        attempts = delivery.attempts + 1
+        now = self.clock.now()
+        if attempts >= MAX_ATTEMPTS:
+            log.error(
+                "delivery %s (%s) failed %d times, parked: %s",
+                delivery.delivery_id,
+                delivery.event,
+                attempts,
+                error,
+            )
+            await self.store.fail_delivery(delivery.delivery_id, error, retry_at=None, at=now)
+            return
+        delay = min(RETRY_CEILING, RETRY_BASE * 2 ** (attempts - 1))
+        log.warning(
+            "delivery %s (%s) failed, retrying in %s: %s",
+            delivery.delivery_id,
+            delivery.event,
+            delay,
+            error,
+        )
+        await self.store.fail_delivery(delivery.delivery_id, error, retry_at=now + delay, at=now)
+
+
+def _installation_id(installation: Any) -> int | None:
+    if isinstance(installation, Mapping) and isinstance(installation.get("id"), int):
+        return int(installation["id"])
+    return None
