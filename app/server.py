@@ -17,6 +17,7 @@ from app.config import Settings
 from app.github import installations
 from app.github.app import GitHubApp
 from app.github.installations import InstallationRegistry, InstallationSync
+from app.github.redelivery import MissedDeliveries, MissedDeliverySweep
 from app.github.webhooks import WebhookContext, WebhookProcessor
 from app.logs import get_logger
 from app.pipeline import Component, UpdatePipeline
@@ -54,6 +55,9 @@ def github_components(services: Services) -> list[Component]:
     if services.github is not None:
         registry = InstallationRegistry(services.store, services.github, services.clock)
         components.append(InstallationSync(registry))
+        if services.settings.github_webhook_secret is not None:
+            missed = MissedDeliveries(services.store, services.github, services.clock)
+            components.append(MissedDeliverySweep(missed))
     # Every feature's router, merged here so one place shows all that reacts to GitHub.
     routers = [installations.router]
     context = WebhookContext(installations=registry)

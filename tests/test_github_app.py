@@ -60,4 +60,8 @@ async def test_with_credentials_installations_are_kept_in_sync(
     make_api: MakeApi, github_settings, github
 ):
     api = await make_api(settings_override=github_settings, with_github=True)
-    assert [c.name for c in github_components(api.services)] == ["installations", "webhooks"]
+    assert [c.name for c in github_components(api.services)] == [
+        "installations",
+        "missed-deliveries",
+        "webhooks",
+    ]

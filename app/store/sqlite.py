@@ -519,6 +519,19 @@ class SqliteStore:
         async with self._r.execute(sql, (*params, limit)) as cursor:
             return [_delivery(row) for row in await cursor.fetchall()]
 
+    async def stored_delivery_ids(self, delivery_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        ids = list(delivery_ids)
+        for start in range(0, len(ids), 500):  # well under SQLite's variable limit
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            async with self._r.execute(
+                f"SELECT delivery_id FROM webhook_deliveries WHERE delivery_id IN ({marks})",  # noqa: S608
+                chunk,
+            ) as cursor:
+                found.update(row[0] for row in await cursor.fetchall())
+        return found
+
     async def prune_deliveries(self, older_than: datetime) -> int:
         async with self._transaction() as db:
             cursor = await db.execute(
