@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from app.api.errors import REQUEST_ID, ApiError, json_response
-from app.api.routing import EVENT_STREAM, Call, QueryParam, Route
+from app.api.routing import EVENT_STREAM, Call, QueryParam, Route, page_params
 from app.auth import Access
 from app.clock import isoformat
 from app.pipeline.events import event_type, sse_name
@@ -179,16 +179,7 @@ ROUTES = [
         },
         query=(
             _TYPE_PARAM,
-            QueryParam(
-                "limit",
-                {"type": "integer", "minimum": 1, "maximum": 500},
-                "Page size (default 50).",
-            ),
-            QueryParam(
-                "cursor",
-                {"type": "string", "maxLength": 32},
-                "The nextCursor of the previous page.",
-            ),
+            *page_params(cursor_length=32),
         ),
         tag="events",
     ),

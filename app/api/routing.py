@@ -158,8 +158,10 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
         raise ApiError(401, "UNAUTHORIZED", str(exc), headers=challenge) from None
 
 
-async def read_json(request: web.Request, limit: int) -> Any:
-    too_large = ApiError(413, "PAYLOAD_TOO_LARGE", f"request body is larger than {limit} bytes")
+async def read_body(request: web.Request, limit: int, *, what: str = "request body") -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed ``limit`` (announced or
+    streamed), so an oversized body is never held in memory."""
+    too_large = ApiError(413, "PAYLOAD_TOO_LARGE", f"{what} is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     data = bytearray()
@@ -167,6 +169,25 @@ async def read_json(request: web.Request, limit: int) -> Any:
         data += chunk
         if len(data) > limit:
             raise too_large
+    return bytes(data)
+
+
+def page_params(cursor_length: int) -> tuple[QueryParam, QueryParam]:
+    """``limit`` and ``cursor``, the same on every paged list."""
+    return (
+        QueryParam(
+            "limit", {"type": "integer", "minimum": 1, "maximum": 500}, "Page size (default 50)."
+        ),
+        QueryParam(
+            "cursor",
+            {"type": "string", "maxLength": cursor_length},
+            "The nextCursor of the previous page.",
+        ),
+    )
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    data = await read_body(request, limit)
     if not data.strip():
         raise ApiError(400, "INVALID_JSON", "request body is empty; a JSON document is expected")
     try:

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from app.api.errors import ApiError, json_response
-from app.api.routing import Call, QueryParam, Route
+from app.api.routing import Call, QueryParam, Route, page_params, read_body
 from app.auth import Access
 from app.clock import isoformat
 from app.github.webhooks import signature_valid
@@ -63,7 +63,7 @@ async def receive(call: Call) -> web.StreamResponse:
             if legacy
             else "missing X-Hub-Signature-256",
         )
-    body = await _read(request, services.settings.webhook_max_bytes)
+    body = await read_body(request, services.settings.webhook_max_bytes, what="delivery")
     # The signature is checked before anything else reads the body.
     if not signature_valid(secret.reveal(), body, signature):
         raise ApiError(401, "UNAUTHORIZED", "signature does not match the body")
@@ -87,18 +87,6 @@ async def receive(call: Call) -> web.StreamResponse:
     if not stored:
         log.info("delivery %s seen before; not processed again", delivery_id)
     return json_response({"accepted": True, "duplicate": not stored}, status=202)
-
-
-async def _read(request: web.Request, limit: int) -> bytes:
-    too_large = ApiError(413, "PAYLOAD_TOO_LARGE", f"delivery is larger than {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    data = bytearray()
-    async for chunk in request.content.iter_chunked(65536):
-        data += chunk
-        if len(data) > limit:
-            raise too_large
-    return bytes(data)
 
 
 def delivery_json(delivery: Delivery) -> dict[str, Any]:
@@ -174,16 +162,7 @@ ROUTES = [
         },
         query=(
             QueryParam("status", {"enum": ["pending", "done", "failed"]}, "Only this status."),
-            QueryParam(
-                "limit",
-                {"type": "integer", "minimum": 1, "maximum": 500},
-                "Page size (default 50).",
-            ),
-            QueryParam(
-                "cursor",
-                {"type": "string", "maxLength": 100},
-                "The nextCursor of the previous page.",
-            ),
+            *page_params(cursor_length=100),
         ),
         tag="github",
     ),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Mapping
 from datetime import timedelta
@@ -13,6 +12,7 @@ from gidgethub import GitHubException, routing, sansio
 from app.clock import Clock
 from app.github.app import GitHubApp
 from app.logs import get_logger
+from app.pipeline.periodic import Periodic
 from app.store import Installation, Repository, Store
 
 if TYPE_CHECKING:
@@ -118,31 +118,26 @@ async def installation_repositories_event(event: sansio.Event, context: WebhookC
         await context.installations.on_installation_repositories(event.data["action"], event.data)
 
 
-class InstallationSync:
+class InstallationSync(Periodic):
     """Pipeline component: reconcile at start, then every ``interval``."""
 
-    name = "installations"
-
     def __init__(self, registry: InstallationRegistry, interval: timedelta = RECONCILE_EVERY):
+        super().__init__(
+            "installations",
+            registry.reconcile,
+            interval,
+            survives=(GitHubException, OSError),
+            on_error=self._failed,
+        )
         self.registry = registry
-        self.interval = interval
 
     async def start(self, pipeline: UpdatePipeline) -> None:
         await self.registry.load()
-        pipeline.spawn("installation-sync", self._loop())
+        await super().start(pipeline)
 
-    async def stop(self) -> None:
-        return None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.registry.reconcile()
-            except (GitHubException, OSError) as exc:
-                # GitHub being down must not kill the loop; the next round tries again.
-                self.registry.github.state = f"error: {exc}"
-                log.warning("reconciling installations failed: %s", exc)
-            await asyncio.sleep(self.interval.total_seconds())
+    def _failed(self, exc: BaseException) -> None:
+        # GitHub being down must not lose what is known; /status shows the reason.
+        self.registry.github.state = f"error: {exc}"
 
 
 def _from_payload(item: Mapping[str, Any]) -> Installation:

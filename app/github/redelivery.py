@@ -5,7 +5,6 @@ recent deliveries and requests a redelivery of each one this service never store
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -15,10 +14,11 @@ from gidgethub import GitHubException
 from app.clock import Clock, parse_iso
 from app.github.app import GitHubApp
 from app.logs import get_logger
+from app.pipeline.periodic import Periodic
 from app.store import Store
 
 if TYPE_CHECKING:
-    from app.pipeline import UpdatePipeline
+    pass
 
 log = get_logger("github.redelivery")
 
@@ -76,25 +76,10 @@ class MissedDeliveries:
         return requested
 
 
-class MissedDeliverySweep:
+class MissedDeliverySweep(Periodic):
     """Pipeline component: look for missed deliveries at start, then every ten minutes."""
 
-    name = "missed-deliveries"
-
     def __init__(self, missed: MissedDeliveries, interval: timedelta = CHECK_EVERY) -> None:
-        self.missed = missed
-        self.interval = interval
-
-    async def start(self, pipeline: UpdatePipeline) -> None:
-        pipeline.spawn("missed-deliveries", self._loop())
-
-    async def stop(self) -> None:
-        return None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.missed.run_once()
-            except (GitHubException, OSError) as exc:
-                log.warning("looking for missed deliveries failed: %s", exc)
-            await asyncio.sleep(self.interval.total_seconds())
+        super().__init__(
+            "missed-deliveries", missed.run_once, interval, survives=(GitHubException, OSError)
+        )
