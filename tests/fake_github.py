@@ -50,7 +50,7 @@ from functools import cache
 from http import HTTPStatus
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 import jsonschema
@@ -60,6 +60,8 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
+
+T = TypeVar("T")
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 API_ROOT = "https://api.github.com"
@@ -189,6 +191,13 @@ class GitHubError(Exception):
 
 def not_found() -> GitHubError:
     return GitHubError(404, "Not Found")
+
+
+def found(value: T | None) -> T:
+    """``value``, or GitHub's 404 when there is none."""
+    if value is None:
+        raise not_found()
+    return value
 
 
 def validation_failed(resource: str, code: str, field_name: str) -> GitHubError:
@@ -1668,10 +1677,7 @@ def _id(installation: Installation) -> int:
 
 
 def _installation(ctx: Ctx) -> Installation:
-    installation = ctx.fake.installations.get(ctx.int("installation_id"))
-    if installation is None:
-        raise not_found()
-    return installation
+    return found(ctx.fake.installations.get(ctx.int("installation_id")))
 
 
 @operation("GET /app/installations/{installation_id}")
@@ -1780,10 +1786,7 @@ _DELIVERY_SUMMARY_KEYS = frozenset(_example_raw("GET /app/hook/deliveries", None
 
 
 def _delivery(ctx: Ctx) -> dict[str, Any]:
-    delivery = ctx.fake.deliveries.get(ctx.int("delivery_id"))
-    if delivery is None:
-        raise not_found()
-    return delivery
+    return found(ctx.fake.deliveries.get(ctx.int("delivery_id")))
 
 
 @operation("GET /app/hook/deliveries/{delivery_id}")
@@ -2235,10 +2238,7 @@ def _create_label(ctx: Ctx) -> Any:
 
 @operation("GET /repos/{owner}/{repo}/labels/{name}")
 def _get_label(ctx: Ctx) -> Any:
-    label = ctx.repo.labels.get(ctx.params["name"].lower())
-    if label is None:
-        raise not_found()
-    return label
+    return found(ctx.repo.labels.get(ctx.params["name"].lower()))
 
 
 # -- Handlers: check runs ------------------------------------------------------------------
@@ -2307,10 +2307,7 @@ def _create_check_run(ctx: Ctx) -> Any:
 
 
 def _check_run(ctx: Ctx) -> dict[str, Any]:
-    run = ctx.repo.check_runs.get(ctx.int("check_run_id"))
-    if run is None:
-        raise not_found()
-    return run
+    return found(ctx.repo.check_runs.get(ctx.int("check_run_id")))
 
 
 @operation("PATCH /repos/{owner}/{repo}/check-runs/{check_run_id}")
@@ -2428,10 +2425,7 @@ def _list_workflow_runs(ctx: Ctx) -> Any:
 
 
 def _run(ctx: Ctx) -> dict[str, Any]:
-    run = ctx.repo.runs.get(ctx.int("run_id"))
-    if run is None:
-        raise not_found()
-    return run
+    return found(ctx.repo.runs.get(ctx.int("run_id")))
 
 
 @operation("GET /repos/{owner}/{repo}/actions/runs/{run_id}")
@@ -2452,10 +2446,7 @@ def _cancel_run(ctx: Ctx) -> Any:
 
 
 def _pull(ctx: Ctx) -> dict[str, Any]:
-    pull = ctx.repo.pulls.get(ctx.int("pull_number"))
-    if pull is None:
-        raise not_found()
-    return pull
+    return found(ctx.repo.pulls.get(ctx.int("pull_number")))
 
 
 @operation("GET /repos/{owner}/{repo}/pulls/{pull_number}")
