@@ -14,9 +14,11 @@ from app.api.openapi import build_openapi
 from app.api.routing import OPENAPI, SERVICES
 from app.clock import Clock
 from app.config import Settings
-from app.github import installations
+from app.github import commands, installations
 from app.github.app import GitHubApp
+from app.github.commands import CommandRegistry, PermissionCache
 from app.github.installations import InstallationRegistry, InstallationSync
+from app.github.outbox import OutboxWorker
 from app.github.redelivery import MissedDeliveries, MissedDeliverySweep
 from app.github.webhooks import WebhookContext, WebhookProcessor
 from app.logs import get_logger
@@ -47,9 +49,12 @@ def create_app(services: Services) -> web.Application:
     return app
 
 
-def github_components(services: Services) -> list[Component]:
+def github_components(
+    services: Services, command_registry: CommandRegistry | None = None
+) -> list[Component]:
     """The pipeline's GitHub parts. Deliveries are stored whatever happens here; the
-    worker that processes them runs with the pipeline."""
+    worker that processes them runs with the pipeline, and the outbox worker with it
+    when the App is configured (entries wait in the store otherwise)."""
     registry = None
     components: list[Component] = []
     if services.github is not None:
@@ -58,10 +63,19 @@ def github_components(services: Services) -> list[Component]:
         if services.settings.github_webhook_secret is not None:
             missed = MissedDeliveries(services.store, services.github, services.clock)
             components.append(MissedDeliverySweep(missed))
-    # Every feature's router, merged here so one place shows all that reacts to GitHub.
-    routers = [installations.router]
-    context = WebhookContext(installations=registry)
-    components.append(WebhookProcessor(services.deliveries, routers, context))
+        components.append(OutboxWorker(services.outbox, services.github))
+    # Every feature's router, merged here so one place shows all that reacts to GitHub;
+    # features add their slash commands to the one registry.
+    routers = [installations.router, commands.router]
+    context = WebhookContext(
+        installations=registry,
+        github=services.github,
+        commands=command_registry or CommandRegistry(),
+        permissions=PermissionCache(services.clock),
+    )
+    components.append(
+        WebhookProcessor(services.deliveries, routers, context, outbox=services.outbox)
+    )
     return components
 
 

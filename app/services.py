@@ -8,6 +8,7 @@ from app.auth import TokenService
 from app.clock import Clock
 from app.config import Settings
 from app.github.app import NOT_CONFIGURED, GitHubApp
+from app.github.outbox import Outbox
 from app.github.webhooks import Deliveries
 from app.pipeline import UpdatePipeline
 from app.pipeline.events import EventBus
@@ -22,6 +23,7 @@ class Services:
     bus: EventBus
     tokens: TokenService
     deliveries: Deliveries
+    outbox: Outbox
     pipeline: UpdatePipeline | None = None
     github: GitHubApp | None = None
     # Why an enabled pipeline is not running (its start failed), for /ready and /status.
@@ -36,5 +38,11 @@ class Services:
     def build(cls, settings: Settings, store: Store, clock: Clock) -> Services:
         bus = EventBus(store, clock)
         return cls(
-            settings, store, clock, bus, TokenService(store, clock, bus), Deliveries(store, clock)
+            settings,
+            store,
+            clock,
+            bus,
+            TokenService(store, clock, bus),
+            Deliveries(store, clock),
+            Outbox(store, clock),
         )

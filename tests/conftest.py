@@ -11,7 +11,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -23,10 +23,15 @@ from app.auth import Role, hash_token, new_secret
 from app.clock import ManualClock
 from app.config import Settings
 from app.github.app import GitHubApp
+from app.github.commands import CommandRegistry
 from app.pipeline import Component
 from app.server import create_app, github_components, start_pipeline
 from app.services import Services
 from app.store import NewToken, SqliteStore
+
+if TYPE_CHECKING:  # imported by pytest_plugins below; importing it here first would
+    # keep pytest from rewriting its asserts
+    from tests.github_fixtures import RecordedSleep
 
 pytest_plugins = ["tests.github_fixtures"]
 
@@ -180,6 +185,7 @@ async def make_api(
     aiohttp_client: Callable[..., Awaitable[TestClient]],
     settings: Settings,
     clock: ManualClock,
+    github_sleep: RecordedSleep,
 ) -> AsyncIterator[MakeApi]:
     """Build the app on a real test server; the pipeline starts when settings enable it."""
     opened: list[tuple[SqliteStore, Services, TestClient]] = []
@@ -189,14 +195,16 @@ async def make_api(
         settings_override: Settings | None = None,
         components: Sequence[Component] = (),
         with_github: bool = False,
+        commands: CommandRegistry | None = None,
     ) -> Api:
         active = settings_override or settings
         store = await SqliteStore.open(active.db_path)
         services = Services.build(active, store, clock)
         services.sse_keepalive_seconds = 0.2
         if with_github:
-            services.github = GitHubApp.from_settings(active, clock)
-            components = [*github_components(services), *components]
+            # Pacing and back-off sleeps return at once (and are recorded).
+            services.github = GitHubApp.from_settings(active, clock, sleep=github_sleep)
+            components = [*github_components(services, commands), *components]
         await start_pipeline(services, components)
         client = await aiohttp_client(create_app(services))
         opened.append((store, services, client))

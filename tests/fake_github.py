@@ -323,6 +323,12 @@ class Repo:
     check_runs: dict[int, dict[str, Any]] = field(default_factory=dict)
     files: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (ref, path)
     roles: dict[str, str] = field(default_factory=dict)  # lower-case login -> role name
+    custom_roles: dict[str, str] = field(default_factory=dict)  # custom role -> its base
+
+    def base_role(self, role: str) -> str:
+        """The built-in role a role grants what of: itself, or a custom role's base."""
+        return self.custom_roles.get(role, role)
+
     workflows: dict[int, dict[str, Any]] = field(default_factory=dict)
     runs: dict[int, dict[str, Any]] = field(default_factory=dict)
     dispatches: list[dict[str, Any]] = field(default_factory=list)
@@ -707,11 +713,23 @@ class FakeGitHub:
 
     # -- repository data --
 
-    def set_permission(self, repo: str, user: str, role_name: str = "write") -> None:
-        if role_name not in PERMISSION_OF_ROLE:
-            raise ValueError(f"unknown role {role_name!r}; one of {sorted(PERMISSION_OF_ROLE)}")
+    def set_permission(
+        self, repo: str, user: str, role_name: str = "write", *, base: str | None = None
+    ) -> None:
+        """Give ``user`` a role on ``repo``: a built-in one, or a custom role (an
+        organisation's own) inheriting from the built-in role ``base``."""
+        state = self.add_repo(repo)
+        if base is not None:
+            if base not in PERMISSION_OF_ROLE or base == "none" or role_name in PERMISSION_OF_ROLE:
+                raise ValueError(f"custom role {role_name!r} needs a built-in base, not {base!r}")
+            state.custom_roles[role_name] = base
+        elif role_name not in PERMISSION_OF_ROLE:
+            raise ValueError(
+                f"unknown role {role_name!r}; one of {sorted(PERMISSION_OF_ROLE)},"
+                " or give base= for a custom role"
+            )
         self.user(user)
-        self.add_repo(repo).roles[user.lower()] = role_name
+        state.roles[user.lower()] = role_name
 
     def set_team_member(
         self, org: str, team: str, user: str, *, role: str = "member", state: str = "active"
@@ -1856,7 +1874,8 @@ def _properties(ctx: Ctx) -> Any:
 
 def _collaborator(ctx: Ctx, login: str, role: str) -> dict[str, Any]:
     user = ctx.fake.user(login)
-    user["permissions"] = {flag: flag in _ROLE_FLAGS[role] for flag in _ROLE_FLAGS["admin"]}
+    base = ctx.repo.base_role(role)
+    user["permissions"] = {flag: flag in _ROLE_FLAGS[base] for flag in _ROLE_FLAGS["admin"]}
     user["role_name"] = role
     return user
 
@@ -1873,7 +1892,8 @@ def _role(ctx: Ctx) -> tuple[str, str]:
 def _collaborator_permission(ctx: Ctx) -> Any:
     login, role = _role(ctx)
     return {
-        "permission": PERMISSION_OF_ROLE[role],
+        # A custom role's legacy permission is its base's, as GitHub reports it.
+        "permission": PERMISSION_OF_ROLE[ctx.repo.base_role(role)],
         "role_name": role,
         "user": _collaborator(ctx, login, role),
     }
@@ -1893,7 +1913,7 @@ def _list_collaborators(ctx: Ctx) -> Any:
     items = [
         _collaborator(ctx, ctx.fake._users[login][0], role)
         for login, role in sorted(ctx.repo.roles.items())
-        if role != "none" and (wanted is None or wanted in _ROLE_FLAGS[role])
+        if role != "none" and (wanted is None or wanted in _ROLE_FLAGS[ctx.repo.base_role(role)])
     ]
     return ctx.page(items)
 

@@ -289,26 +289,6 @@ async def test_permission_matrix_for_built_in_roles(
     assert call.installation_id == installation
 
 
-def custom_role(role: str, base: str):
-    """A fake answer for a custom repository role inheriting from ``base``: the fake's
-    ``set_permission`` only knows the built-in roles, so the operation is overridden."""
-    flags = {
-        "read": ("pull",),
-        "write": ("pull", "triage", "push"),
-        "admin": ("pull", "triage", "push", "maintain", "admin"),
-    }[base]
-
-    def handler(ctx):
-        user = ctx.fake.user(ctx.params["username"])
-        user["permissions"] = {
-            f: f in flags for f in ("pull", "triage", "push", "maintain", "admin")
-        }
-        user["role_name"] = role
-        return {"permission": base, "role_name": role, "user": user}
-
-    return handler
-
-
 @pytest.mark.parametrize(
     ("role", "base", "expected"),
     [
@@ -325,7 +305,7 @@ async def test_a_custom_role_counts_as_its_legacy_permission(
     base: str,
     expected: Permission,
 ) -> None:
-    github.override(PERMISSION_KEY, custom_role(role, base))
+    github.set_permission("acme/runner", "carol", role, base=base)
     client = app_github.installation(installation)
     assert await permission_of(client, "acme/runner", "carol") == expected
     assert len(github.calls(PERMISSION_KEY)) == 1

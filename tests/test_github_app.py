@@ -56,12 +56,13 @@ async def test_without_credentials_only_the_webhook_worker_runs(make_api: MakeAp
     assert [c.name for c in github_components(api.services)] == ["webhooks"]
 
 
-async def test_with_credentials_installations_are_kept_in_sync(
+async def test_with_credentials_installations_are_kept_in_sync_and_the_outbox_applied(
     make_api: MakeApi, github_settings, github
 ):
     api = await make_api(settings_override=github_settings, with_github=True)
     assert [c.name for c in github_components(api.services)] == [
         "installations",
         "missed-deliveries",
+        "outbox",
         "webhooks",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -15,6 +16,7 @@ import pytest
 from app.store import (
     BuildRecord,
     Conflict,
+    Delivery,
     InstanceLock,
     NewToken,
     SqliteStore,
@@ -228,3 +230,28 @@ async def test_cancelling_writers_never_wedges_the_store(store: SqliteStore):
         await asyncio.gather(task, return_exceptions=True)
     await store.append_event("last", {}, START, keep=100)
     assert (await store.list_events(limit=1))[0].type == "last"
+
+
+async def test_consistent_snapshots_never_make_other_reads_stale(store: SqliteStore):
+    # A multi-statement snapshot (the /status counts, the outbox figures) holds a read
+    # transaction open; no other read may see the database as of that moment, or the
+    # webhook worker would find a delivery it has just finished still pending.
+    stop = asyncio.Event()
+
+    async def snapshots() -> None:
+        while not stop.is_set():
+            await store.status_counts(["claude_code"])
+            await store.outbox_stats()
+
+    background = asyncio.create_task(snapshots())
+    try:
+        for n in range(100):
+            delivery = Delivery(
+                f"d-{n}", "push", None, None, "{}", "pending", 0, START, None, START, None
+            )
+            assert await store.add_delivery(delivery)
+            await store.finish_delivery(delivery.delivery_id, START)
+            assert await store.due_deliveries(START, limit=10) == []
+    finally:
+        stop.set()
+        await background

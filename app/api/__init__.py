@@ -1,6 +1,6 @@
 """The HTTP API: thin handlers over the pipeline, one module per resource."""
 
-from app.api import events, system, tokens, webhooks
+from app.api import diagnostics, events, system, tokens, webhooks
 from app.api.routing import RouteTable
 
 
@@ -11,4 +11,5 @@ def build_route_table() -> RouteTable:
     table.extend(tokens.ROUTES)
     table.extend(events.ROUTES)
     table.extend(webhooks.ROUTES)
+    table.extend(diagnostics.ROUTES)
     return table

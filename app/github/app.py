@@ -87,7 +87,9 @@ class GitHubApp:
             await self.session.close()
 
     @classmethod
-    def from_settings(cls, settings: Settings, clock: Clock) -> GitHubApp | None:
+    def from_settings(
+        cls, settings: Settings, clock: Clock, *, sleep: Sleep = asyncio.sleep
+    ) -> GitHubApp | None:
         """The App when credentials are configured; None (said once in the log) when not."""
         key = load_private_key(settings)
         if settings.github_app_id is None or key is None:
@@ -99,4 +101,4 @@ class GitHubApp:
             key.fingerprint,
             settings.github_api_url,
         )
-        return cls(settings, key, clock)
+        return cls(settings, key, clock, sleep=sleep)

@@ -1,7 +1,10 @@
-"""Slash commands in issue comments: parsing, permission levels, escaping, the registry.
+"""Slash commands in issue comments: parsing, permission levels, escaping, the registry,
+and the ``issue_comment`` handler that runs them.
 
-Everything here but ``permission_of``/``PermissionCache`` is pure. Dispatching commands
-from ``issue_comment`` webhooks and the reactions/replies (through the outbox) come later.
+Features register their commands (with the permission each needs) in the one
+``CommandRegistry`` the server builds. The handler answers through the outbox, queued with
+the delivery's completion: 👀 when a comment's commands are taken, then one reply when
+there is something to say, then 🚀 if a command succeeded and 😕 if one was refused.
 """
 
 from __future__ import annotations
@@ -11,13 +14,22 @@ import string
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cachetools import TTLCache
-from gidgethub import BadRequest
+from gidgethub import BadRequest, routing, sansio
 from gidgethub.abc import GitHubAPI
 
 from app.clock import Clock
+from app.github.auth import InstallationSuspended
+from app.github.outbox import add_comment, add_reaction
+from app.logs import get_logger
+from app.store import NewEffect
+
+if TYPE_CHECKING:
+    from app.github.webhooks import WebhookContext
+
+log = get_logger("github.commands")
 
 # GitHub refuses comment bodies longer than 65536 characters, so a longer body cannot come
 # from GitHub; scanning stops there, which also bounds the work one webhook can cause.
@@ -251,7 +263,40 @@ def escape_for_comment(text: str, limit: int = 200) -> str:
 
 # -- the registry ---------------------------------------------------------------------------
 
-Handler = Callable[..., Awaitable[object]]
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """The issue or pull request a command was typed on."""
+
+    repo: str  # owner/name
+    issue_number: int
+    is_pull_request: bool
+    labels: frozenset[str]  # lower-cased
+
+
+@dataclass
+class Invocation:
+    """One command to run, with who asked, where, and how the handler answers: it returns
+    a Markdown line for the reply (or None), raises ``CommandRefused``, and appends any
+    further GitHub side effects to ``effects``."""
+
+    command: Command
+    place: Place
+    actor: str
+    permission: Permission
+    installation_id: int
+    delivery_id: str
+    comment_id: int
+    effects: list[NewEffect]
+
+
+class CommandRefused(Exception):
+    """A command that cannot run as asked (missing argument, wrong state). The message is
+    Markdown written by the handler; user text in it must go through ``escape_for_comment``."""
+
+
+Handler = Callable[[Invocation], Awaitable[str | None]]
+Where = Callable[[Place], bool]
 HELP = "help"
 _NAME = re.compile(r"[a-z][a-z0-9_-]*", re.ASCII)
 
@@ -263,6 +308,10 @@ class CommandSpec:
     help: str  # one line, Markdown, written by us (never user text)
     handler: Handler
     usage: str = ""  # arguments, e.g. "<version>"
+    where: Where | None = None  # where the command applies; None: everywhere
+
+    def applies(self, place: Place | None) -> bool:
+        return self.where is None or place is None or self.where(place)
 
 
 class CommandRegistry:
@@ -279,22 +328,29 @@ class CommandRegistry:
         handler: Handler,
         *,
         usage: str = "",
+        where: Where | None = None,
     ) -> CommandSpec:
         if not _NAME.fullmatch(name):
             raise ValueError(f"command name {name!r}: lower-case letters, digits, - and _")
         if name == HELP or name in self._commands:
             raise ValueError(f"command /{name} is already registered")
-        spec = CommandSpec(name, permission, help, handler, usage)
+        spec = CommandSpec(name, permission, help, handler, usage, where)
         self._commands[name] = spec
         return spec
 
     def command(
-        self, name: str, permission: Permission, help: str, *, usage: str = ""
+        self,
+        name: str,
+        permission: Permission,
+        help: str,
+        *,
+        usage: str = "",
+        where: Where | None = None,
     ) -> Callable[[Handler], Handler]:
         """Decorator form of ``register``."""
 
         def decorate(handler: Handler) -> Handler:
-            self.register(name, permission, help, handler, usage=usage)
+            self.register(name, permission, help, handler, usage=usage, where=where)
             return handler
 
         return decorate
@@ -310,20 +366,165 @@ class CommandRegistry:
     def parse(self, body: str) -> list[Command]:
         return parse_commands(body, self.known)
 
-    def available(self, permission: Permission) -> list[CommandSpec]:
+    def here(self, place: Place | None) -> list[CommandSpec]:
         return sorted(
-            (s for s in self._commands.values() if permission >= s.permission),
-            key=lambda s: s.name,
+            (s for s in self._commands.values() if s.applies(place)), key=lambda s: s.name
         )
 
-    def help_text(self, permission: Permission) -> str:
-        """The ``/help`` reply: the commands someone with ``permission`` can use."""
+    def available(self, permission: Permission, place: Place | None = None) -> list[CommandSpec]:
+        return [s for s in self.here(place) if permission >= s.permission]
+
+    def help_text(self, permission: Permission, place: Place | None = None) -> str:
+        """The ``/help`` reply: the commands someone with ``permission`` can use at
+        ``place`` (everywhere when None)."""
         lines = [f"Commands you can use here (your permission: {permission}):", ""]
         lines.append(f"- `/{HELP}`: list the commands you can use here")
-        for spec in self.available(permission):
+        available = self.available(permission, place)
+        for spec in available:
             usage = f" {spec.usage}" if spec.usage else ""
             lines.append(f"- `/{spec.name}{usage}`: {spec.help} (needs {spec.permission})")
-        hidden = len(self._commands) - len(self.available(permission))
+        hidden = len(self.here(place)) - len(available)
         if hidden:
             lines += ["", f"{hidden} more command(s) need a higher permission on this repository."]
         return "\n".join(lines)
+
+
+# -- running commands from comments ----------------------------------------------------------
+
+router = routing.Router()
+
+EYES, ROCKET, CONFUSED = "eyes", "rocket", "confused"
+
+
+@router.register("issue_comment", action="created")
+async def comment_created(event: sansio.Event, context: WebhookContext) -> None:
+    """Run the commands in a new comment. Edited and deleted comments are never acted
+    on: an edit must not re-run a command, nor run one that was not there when posted."""
+    data = event.data
+    comment = data["comment"]
+    if is_bot(comment.get("user") or {}) or is_bot(data.get("sender") or {}):
+        return
+    registry = context.commands
+    commands = registry.parse(comment.get("body") or "")
+    if not commands:
+        return
+    if context.github is None:
+        log.info("commands in a comment ignored: the GitHub App is not configured")
+        return
+    installation_id = int(data["installation"]["id"])
+    repo = str(data["repository"]["full_name"])
+    issue = data["issue"]
+    place = Place(
+        repo,
+        int(issue["number"]),
+        "pull_request" in issue,
+        frozenset(str(label.get("name", "")).lower() for label in issue.get("labels") or ()),
+    )
+    actor = str(comment["user"]["login"])
+    try:
+        client = context.github.installation(installation_id)
+    except InstallationSuspended:
+        log.info("commands on %s#%d ignored: installation suspended", repo, place.issue_number)
+        return
+    # A failure here (GitHub unreachable) fails the delivery before anything ran, so the
+    # delivery's retry starts afresh.
+    permission = await context.permissions.get(client, repo, actor)
+    runner = _CommentRun(registry, place, actor, permission, installation_id, event, comment)
+    context.effects.extend(await runner.run(commands))
+
+
+class _CommentRun:
+    def __init__(
+        self,
+        registry: CommandRegistry,
+        place: Place,
+        actor: str,
+        permission: Permission,
+        installation_id: int,
+        event: sansio.Event,
+        comment: Mapping[str, Any],
+    ) -> None:
+        self.registry = registry
+        self.place = place
+        self.actor = actor
+        self.permission = permission
+        self.installation_id = installation_id
+        self.delivery_id = str(event.delivery_id)
+        self.comment_id = int(comment["id"])
+        self.effects: list[NewEffect] = []
+
+    def _reaction(self, content: str) -> NewEffect:
+        return add_reaction(
+            self.installation_id,
+            self.place.repo,
+            self.place.issue_number,
+            content,
+            comment_id=self.comment_id,
+        )
+
+    async def run(self, commands: list[Command]) -> list[NewEffect]:
+        head = [self._reaction(EYES)]
+        replies: list[str] = []
+        succeeded = refused = False
+        for command in commands:
+            said, ok = await self._one(command)
+            succeeded |= ok
+            refused |= not ok
+            if said:
+                replies.append(said)
+        if replies:
+            head.append(
+                add_comment(
+                    self.installation_id,
+                    self.place.repo,
+                    self.place.issue_number,
+                    "\n\n".join(replies),
+                    key=f"reply-{self.comment_id}",
+                )
+            )
+        # The handlers' own effects come after the 👀 and before the verdict.
+        tail = [self._reaction(ROCKET)] if succeeded else []
+        if refused:
+            tail.append(self._reaction(CONFUSED))
+        return head[:1] + self.effects + head[1:] + tail
+
+    async def _one(self, command: Command) -> tuple[str | None, bool]:
+        """What to say about one command, and whether it succeeded."""
+        label = f"`/{command.name}`"
+        if command.name == HELP:
+            return self.registry.help_text(self.permission, self.place), True
+        spec = self.registry.get(command.name)
+        if spec is None or not spec.applies(self.place):
+            return f"{label} is not available here; `/help` lists what is.", False
+        if self.permission < spec.permission:
+            return (
+                f"{label} needs **{spec.permission}** permission on this repository;"
+                f" {escape_for_comment(self.actor, 100)} has **{self.permission}**.",
+                False,
+            )
+        invocation = Invocation(
+            command,
+            self.place,
+            self.actor,
+            self.permission,
+            self.installation_id,
+            self.delivery_id,
+            self.comment_id,
+            self.effects,
+        )
+        try:
+            said = await spec.handler(invocation)
+        except CommandRefused as exc:
+            return f"{label}: {exc}", False
+        except Exception:
+            # Earlier commands of this comment may have acted already, so the delivery is
+            # not retried as a whole: this command is reported failed instead.
+            log.exception(
+                "/%s on %s#%d failed", command.name, self.place.repo, self.place.issue_number
+            )
+            return (
+                f"{label} failed with an internal error; the service log has the details"
+                f" (delivery {escape_for_comment(self.delivery_id, 100)}).",
+                False,
+            )
+        return (f"{label}: {said}" if said else None), True

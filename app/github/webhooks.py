@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from gidgethub import routing, sansio
 
 from app.clock import Clock
+from app.github.commands import CommandRegistry, PermissionCache
+from app.github.outbox import Outbox, transient
 from app.logs import get_logger
-from app.store import Delivery, Store
+from app.store import Delivery, NewEffect, Store
 
 if TYPE_CHECKING:
+    from app.github.app import GitHubApp
     from app.github.installations import InstallationRegistry
     from app.pipeline import UpdatePipeline
 
@@ -27,6 +31,10 @@ log = get_logger("github.webhooks")
 MAX_ATTEMPTS = 5
 RETRY_BASE = timedelta(seconds=2)
 RETRY_CEILING = timedelta(minutes=10)
+# A delivery failing because GitHub is down or limiting (its handler asked GitHub
+# something) keeps being retried for this long before it is parked: an outage should
+# delay a /rollback, not drop it.
+OUTAGE_PATIENCE = timedelta(days=1)
 KEEP_DELIVERIES = timedelta(days=30)
 BATCH = 50
 
@@ -39,9 +47,19 @@ def signature_valid(secret: str, body: bytes, header: str) -> bool:
 
 @dataclass
 class WebhookContext:
-    """What handlers get besides the event: the parts of the app they may act on."""
+    """What handlers get besides the event: the parts of the app they may act on, and
+    ``effects``, where they put GitHub side effects. Those are written to the outbox in
+    the transaction that marks the delivery processed, so a crash cannot apply them twice
+    or lose them. Each delivery gets its own copy (``for_delivery``)."""
 
     installations: InstallationRegistry | None = None
+    github: GitHubApp | None = None
+    commands: CommandRegistry = field(default_factory=CommandRegistry)
+    permissions: PermissionCache = field(default_factory=lambda: PermissionCache(Clock()))
+    effects: list[NewEffect] = field(default_factory=list)
+
+    def for_delivery(self) -> WebhookContext:
+        return dataclasses.replace(self, effects=[])
 
 
 class Deliveries:
@@ -91,9 +109,11 @@ class WebhookProcessor:
         routers: Sequence[routing.Router],
         context: WebhookContext,
         *,
+        outbox: Outbox | None = None,
         idle_check: float = 5.0,
     ) -> None:
         self.deliveries = deliveries
+        self.outbox = outbox
         self.store = deliveries.store
         self.clock = deliveries.clock
         self.router = routing.Router(*routers)
@@ -135,17 +155,22 @@ class WebhookProcessor:
         )
         if not self.router.fetch(event):
             log.debug("no handler for %s (%s)", delivery.event, delivery.delivery_id)
+        context = self.context.for_delivery()
         try:
-            await self.router.dispatch(event, self.context)
+            await self.router.dispatch(event, context)
         except Exception as exc:
-            await self._failed(delivery, f"{type(exc).__name__}: {exc}")
+            await self._failed(delivery, exc)
             return
-        await self.store.finish_delivery(delivery.delivery_id, self.clock.now())
+        await self.store.finish_delivery(delivery.delivery_id, self.clock.now(), context.effects)
+        if context.effects and self.outbox is not None:
+            self.outbox.written()
 
-    async def _failed(self, delivery: Delivery, error: str) -> None:
+    async def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
         attempts = delivery.attempts + 1
         now = self.clock.now()
-        if attempts >= MAX_ATTEMPTS:
+        patient = transient(exc) and now - delivery.received_at < OUTAGE_PATIENCE
+        if attempts >= MAX_ATTEMPTS and not patient:
             log.error(
                 "delivery %s (%s) failed %d times, parked: %s",
                 delivery.delivery_id,
@@ -155,7 +180,7 @@ class WebhookProcessor:
             )
             await self.store.fail_delivery(delivery.delivery_id, error, retry_at=None, at=now)
             return
-        delay = min(RETRY_CEILING, RETRY_BASE * 2 ** (attempts - 1))
+        delay = min(RETRY_CEILING, RETRY_BASE * 2 ** min(attempts - 1, 20))
         log.warning(
             "delivery %s (%s) failed, retrying in %s: %s",
             delivery.delivery_id,

@@ -114,6 +114,47 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class NewEffect:
+    """A GitHub side effect to apply after the change it follows has committed.
+
+    ``target`` names the GitHub object it acts on (entries with one target apply in the
+    order they were written); ``replace_key``, when set, makes a newer pending entry with
+    the same key overwrite this one (an issue body edited twice needs only the last edit).
+    """
+
+    installation_id: int
+    target: str
+    kind: str
+    payload: Mapping[str, Any]
+    replace_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    id: int
+    installation_id: int
+    target: str
+    kind: str
+    payload: Mapping[str, Any]
+    replace_key: str | None
+    revision: int
+    status: str  # pending, done, failed
+    attempts: int  # started attempts, counted before each one is made
+    next_attempt_at: datetime
+    last_error: str | None
+    result: Mapping[str, Any] | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    pending: int
+    failed: int
+    oldest_pending: Effect | None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusCounts:
     """What ``GET /status`` is computed from, read in one consistent snapshot."""
 
@@ -175,7 +216,9 @@ class Store(Protocol):
     async def add_delivery(self, delivery: Delivery) -> bool: ...
     async def due_deliveries(self, now: datetime, *, limit: int) -> list[Delivery]: ...
     async def next_delivery_due(self) -> datetime | None: ...
-    async def finish_delivery(self, delivery_id: str, at: datetime) -> None: ...
+    async def finish_delivery(
+        self, delivery_id: str, at: datetime, effects: Sequence[NewEffect] = ()
+    ) -> None: ...
     async def fail_delivery(
         self, delivery_id: str, error: str, *, retry_at: datetime | None, at: datetime
     ) -> None: ...
@@ -184,4 +227,26 @@ class Store(Protocol):
         self, *, status: str | None, before: str | None, limit: int
     ) -> list[Delivery]: ...
     async def prune_deliveries(self, older_than: datetime) -> int: ...
+    async def delivery_counts(self) -> dict[str, int]: ...
     async def stored_delivery_ids(self, delivery_ids: Sequence[str]) -> set[str]: ...
+
+    # Outbox
+    async def add_effects(self, effects: Sequence[NewEffect], at: datetime) -> None: ...
+    async def due_effects(
+        self, now: datetime, *, limit: int, skip_installations: Sequence[int] = ()
+    ) -> list[Effect]: ...
+    async def next_effect_due(self) -> datetime | None: ...
+    async def start_effect(self, effect_id: int, at: datetime) -> Effect | None: ...
+    async def finish_effect(
+        self, effect: Effect, result: Mapping[str, Any] | None, at: datetime
+    ) -> bool: ...
+    async def fail_effect(
+        self, effect_id: int, error: str, *, retry_at: datetime | None, at: datetime
+    ) -> None: ...
+    async def effect_result(self, target: str, kind: str) -> Mapping[str, Any] | None: ...
+    async def outbox_stats(self) -> OutboxStats: ...
+    async def list_effects(
+        self, *, status: str | None, limit: int, before_id: int | None = None
+    ) -> list[Effect]: ...
+    async def retry_effect(self, effect_id: int, at: datetime) -> Effect | None: ...
+    async def prune_effects(self, older_than: datetime) -> int: ...

@@ -171,4 +171,39 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        4,
+        "outbox",
+        """
+        -- GitHub side effects, written in the same transaction as the change they follow
+        -- and applied by a worker. Entries with the same target apply one at a time, in
+        -- id order. A pending entry with a replace key is overwritten by a newer one with
+        -- the same key (revision counts the overwrites, so an entry being applied while it
+        -- is overwritten is applied again rather than marked done).
+        CREATE TABLE outbox (
+            id              INTEGER PRIMARY KEY AUTOINCREMENT,
+            installation_id INTEGER NOT NULL,
+            target          TEXT NOT NULL,
+            kind            TEXT NOT NULL,
+            payload         TEXT NOT NULL CHECK (json_valid(payload)),
+            replace_key     TEXT,
+            revision        INTEGER NOT NULL DEFAULT 0,
+            status          TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'done', 'failed')),
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT NOT NULL,
+            last_error      TEXT,
+            result          TEXT CHECK (result IS NULL OR json_valid(result)),
+            created_at      TEXT NOT NULL,
+            finished_at     TEXT
+        );
+        CREATE INDEX outbox_queue ON outbox (status, target, id);
+        CREATE UNIQUE INDEX outbox_pending_replace_key ON outbox (replace_key)
+            WHERE status = 'pending' AND replace_key IS NOT NULL;
+        CREATE INDEX outbox_finished ON outbox (finished_at) WHERE status != 'pending';
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

@@ -20,9 +20,12 @@ from app.store.base import (
     BuildRecord,
     Conflict,
     Delivery,
+    Effect,
     EventRecord,
     Installation,
+    NewEffect,
     NewToken,
+    OutboxStats,
     Repository,
     RolloutRecord,
     RuntimeVersionRecord,
@@ -64,10 +67,21 @@ async def _connect(path: Path) -> aiosqlite.Connection:
 
 
 class SqliteStore:
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+    def __init__(
+        self,
+        path: Path,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        snapshots: aiosqlite.Connection,
+    ):
         self.path = path
         self._w = writer
+        # Single reads run in autocommit on the reader, so each sees the latest commit.
+        # Reads that must agree with each other take a read transaction, on a connection
+        # of their own: a transaction open on the shared reader would show every other
+        # read that old snapshot too (a delivery already processed would look pending).
         self._r = reader
+        self._s = snapshots
         self._write_lock = asyncio.Lock()
         self._snapshot_lock = asyncio.Lock()
         self._interrupted = False
@@ -85,17 +99,23 @@ class SqliteStore:
                 raise StoreError(f"database {path} cannot use WAL mode (got {mode})")
             await _check_and_migrate(writer, path, apply=migrate)
             reader = await _connect(path)
+            try:
+                snapshots = await _connect(path)
+            except BaseException:
+                await reader.close()
+                raise
         except sqlite3.DatabaseError as exc:
             await writer.close()
             raise StoreError(f"cannot use database {path}: {exc}") from None
         except BaseException:
             await writer.close()
             raise
-        return cls(path, writer, reader)
+        return cls(path, writer, reader, snapshots)
 
     async def close(self) -> None:
         async with self._write_lock:
             await self._r.close()
+            await self._s.close()
             # A clean checkpoint leaves a single self-contained file behind.
             try:
                 await self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -321,7 +341,7 @@ class SqliteStore:
     async def status_counts(self, providers: Sequence[str]) -> StatusCounts:
         # One read transaction, so the counts describe a single moment.
         async with self._snapshot_lock:
-            return await self._status_snapshot(self._r, providers)
+            return await self._status_snapshot(self._s, providers)
 
     async def _status_snapshot(
         self, db: aiosqlite.Connection, providers: Sequence[str]
@@ -459,13 +479,18 @@ class SqliteStore:
         )
         return parse_iso(value) if value else None
 
-    async def finish_delivery(self, delivery_id: str, at: datetime) -> None:
+    async def finish_delivery(
+        self, delivery_id: str, at: datetime, effects: Sequence[NewEffect] = ()
+    ) -> None:
+        """Mark a delivery processed and queue the GitHub side effects its handlers chose,
+        together: a crash leaves either both or neither."""
         async with self._transaction() as db:
             await db.execute(
                 "UPDATE webhook_deliveries SET status = 'done', attempts = attempts + 1,"
                 " finished_at = ?, last_error = NULL WHERE delivery_id = ?",
                 (isoformat(at), delivery_id),
             )
+            await _insert_effects(db, effects, at)
 
     async def fail_delivery(
         self, delivery_id: str, error: str, *, retry_at: datetime | None, at: datetime
@@ -519,6 +544,13 @@ class SqliteStore:
         async with self._r.execute(sql, (*params, limit)) as cursor:
             return [_delivery(row) for row in await cursor.fetchall()]
 
+    async def delivery_counts(self) -> dict[str, int]:
+        """Deliveries per status (done ones included), for diagnostics."""
+        async with self._r.execute(
+            "SELECT status, count(*) FROM webhook_deliveries GROUP BY status"
+        ) as cursor:
+            return {row[0]: row[1] for row in await cursor.fetchall()}
+
     async def stored_delivery_ids(self, delivery_ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
         ids = list(delivery_ids)
@@ -539,6 +571,203 @@ class SqliteStore:
                 (isoformat(older_than),),
             )
             return cursor.rowcount
+
+    # -- Outbox ------------------------------------------------------------------------------
+
+    async def add_effects(self, effects: Sequence[NewEffect], at: datetime) -> None:
+        async with self._transaction() as db:
+            await _insert_effects(db, effects, at)
+
+    async def due_effects(
+        self, now: datetime, *, limit: int, skip_installations: Sequence[int] = ()
+    ) -> list[Effect]:
+        """The first pending entry of each target, when it is due and its installation is
+        not suspended: later entries of a target wait for the earlier ones."""
+        async with self._r.execute(
+            "SELECT o.* FROM outbox o JOIN (SELECT target, min(id) AS id FROM outbox"
+            " WHERE status = 'pending' GROUP BY target) head ON head.id = o.id"
+            " WHERE o.next_attempt_at <= ?"
+            " AND o.installation_id NOT IN (SELECT id FROM installations WHERE suspended = 1)"
+            " AND o.installation_id NOT IN (SELECT value FROM json_each(?))"
+            " ORDER BY o.id LIMIT ?",
+            (isoformat(now), json.dumps(list(skip_installations)), limit),
+        ) as cursor:
+            return [_effect(row) for row in await cursor.fetchall()]
+
+    async def next_effect_due(self) -> datetime | None:
+        value = await _scalar(
+            self._r,
+            "SELECT min(next_attempt_at) FROM outbox WHERE status = 'pending'"
+            " AND installation_id NOT IN (SELECT id FROM installations WHERE suspended = 1)",
+        )
+        return parse_iso(value) if value else None
+
+    async def start_effect(self, effect_id: int, at: datetime) -> Effect | None:
+        """Count an attempt before it is made, so that after a crash the next attempt
+        knows an earlier one may have reached GitHub."""
+        async with (
+            self._transaction() as db,
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1 WHERE id = ? AND status = 'pending'"
+                " RETURNING *",
+                (effect_id,),
+            ) as cursor,
+        ):
+            row = await cursor.fetchone()
+        return _effect(row) if row else None
+
+    async def finish_effect(
+        self, effect: Effect, result: Mapping[str, Any] | None, at: datetime
+    ) -> bool:
+        """Mark an applied entry done; False (and left pending, due at once) when it was
+        replaced by a newer revision while it was being applied."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE outbox SET status = 'done', finished_at = ?, last_error = NULL,"
+                " result = ? WHERE id = ? AND revision = ?",
+                (isoformat(at), _json_or_none(result), effect.id, effect.revision),
+            )
+            if cursor.rowcount == 1:
+                return True
+            await db.execute(
+                "UPDATE outbox SET next_attempt_at = ?, result = ? WHERE id = ?",
+                (isoformat(at), _json_or_none(result), effect.id),
+            )
+            return False
+
+    async def fail_effect(
+        self, effect_id: int, error: str, *, retry_at: datetime | None, at: datetime
+    ) -> None:
+        """Record a failed attempt: due again at ``retry_at``, or parked when None."""
+        async with self._transaction() as db:
+            if retry_at is None:
+                await db.execute(
+                    "UPDATE outbox SET status = 'failed', last_error = ?, finished_at = ?"
+                    " WHERE id = ?",
+                    (error, isoformat(at), effect_id),
+                )
+            else:
+                await db.execute(
+                    "UPDATE outbox SET last_error = ?, next_attempt_at = ? WHERE id = ?",
+                    (error, isoformat(retry_at), effect_id),
+                )
+
+    async def effect_result(self, target: str, kind: str) -> Mapping[str, Any] | None:
+        """What the newest applied entry of this kind for ``target`` returned (the number
+        of an issue the outbox created, say)."""
+        value = await _scalar(
+            self._r,
+            "SELECT result FROM outbox WHERE target = ? AND kind = ? AND status = 'done'"
+            " AND result IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (target, kind),
+        )
+        return json.loads(value) if value else None
+
+    async def outbox_stats(self) -> OutboxStats:
+        async with self._snapshot_lock:
+            db = self._s
+            await db.execute("BEGIN")
+            try:
+                async with db.execute(
+                    "SELECT status, count(*) FROM outbox WHERE status != 'done' GROUP BY status"
+                ) as cursor:
+                    counts = {row[0]: row[1] for row in await cursor.fetchall()}
+                async with db.execute(
+                    "SELECT * FROM outbox WHERE status = 'pending' ORDER BY id LIMIT 1"
+                ) as cursor:
+                    oldest = await cursor.fetchone()
+            finally:
+                await db.execute("COMMIT")
+        return OutboxStats(
+            counts.get("pending", 0), counts.get("failed", 0), _effect(oldest) if oldest else None
+        )
+
+    async def list_effects(
+        self, *, status: str | None, limit: int, before_id: int | None = None
+    ) -> list[Effect]:
+        async with self._r.execute(
+            "SELECT * FROM outbox WHERE (? IS NULL OR status = ?) AND (? IS NULL OR id < ?)"
+            " ORDER BY id DESC LIMIT ?",
+            (status, status, before_id, before_id, limit),
+        ) as cursor:
+            return [_effect(row) for row in await cursor.fetchall()]
+
+    async def retry_effect(self, effect_id: int, at: datetime) -> Effect | None:
+        try:
+            async with (
+                self._transaction() as db,
+                db.execute(
+                    "UPDATE outbox SET status = 'pending', next_attempt_at = ?,"
+                    " finished_at = NULL WHERE id = ? AND status = 'failed' RETURNING *",
+                    (isoformat(at), effect_id),
+                ) as cursor,
+            ):
+                row = await cursor.fetchone()
+        except sqlite3.IntegrityError:
+            # A newer entry with the same replace key is pending: it supersedes this one.
+            raise Conflict(
+                f"a newer pending entry replaces outbox entry {effect_id}", str(effect_id)
+            ) from None
+        return _effect(row) if row else None
+
+    async def prune_effects(self, older_than: datetime) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM outbox WHERE status = 'done' AND finished_at < ?",
+                (isoformat(older_than),),
+            )
+            return cursor.rowcount
+
+
+async def _insert_effects(
+    db: aiosqlite.Connection, effects: Sequence[NewEffect], at: datetime
+) -> None:
+    for effect in effects:
+        payload = json.dumps(effect.payload, separators=(",", ":"), sort_keys=True)
+        if effect.replace_key is not None:
+            cursor = await db.execute(
+                "UPDATE outbox SET payload = ?, revision = revision + 1, next_attempt_at = ?"
+                " WHERE replace_key = ? AND status = 'pending'",
+                (payload, isoformat(at), effect.replace_key),
+            )
+            if cursor.rowcount:
+                continue
+        await db.execute(
+            "INSERT INTO outbox (installation_id, target, kind, payload, replace_key,"
+            " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                effect.installation_id,
+                effect.target,
+                effect.kind,
+                payload,
+                effect.replace_key,
+                isoformat(at),
+                isoformat(at),
+            ),
+        )
+
+
+def _effect(row: sqlite3.Row) -> Effect:
+    return Effect(
+        id=row["id"],
+        installation_id=row["installation_id"],
+        target=row["target"],
+        kind=row["kind"],
+        payload=json.loads(row["payload"]),
+        replace_key=row["replace_key"],
+        revision=row["revision"],
+        status=row["status"],
+        attempts=row["attempts"],
+        next_attempt_at=parse_iso(row["next_attempt_at"]),
+        last_error=row["last_error"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        created_at=parse_iso(row["created_at"]),
+        finished_at=_dt(row["finished_at"]),
+    )
+
+
+def _json_or_none(value: Mapping[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:
