@@ -255,3 +255,29 @@ async def test_consistent_snapshots_never_make_other_reads_stale(store: SqliteSt
     finally:
         stop.set()
         await background
+
+
+async def test_concurrent_deliveries_share_commits_and_each_learns_if_it_was_new(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+):
+    transactions = 0
+    original = store._transaction
+
+    def counted():  # type: ignore[no-untyped-def]
+        nonlocal transactions
+        transactions += 1
+        return original()
+
+    monkeypatch.setattr(store, "_transaction", counted)
+
+    def delivery(n: int) -> Delivery:
+        return Delivery(f"g-{n}", "push", None, None, "{}", "pending", 0, START, None, START, None)
+
+    assert await store.add_delivery(delivery(0))  # stored before the burst
+    ids = [n % 150 for n in range(200)]  # 50 repeats inside the burst, one of g-0
+    answers = await asyncio.gather(*(store.add_delivery(delivery(n)) for n in ids))
+
+    assert sum(answers) == 149  # g-1 .. g-149, each exactly once
+    assert [n for n, new in zip(ids, answers, strict=True) if new] == list(range(1, 150))
+    assert transactions < 10  # one commit for many deliveries, not one each
+    assert len(await store.due_deliveries(START, limit=500)) == 150

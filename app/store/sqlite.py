@@ -84,6 +84,8 @@ class SqliteStore:
         self._s = snapshots
         self._write_lock = asyncio.Lock()
         self._snapshot_lock = asyncio.Lock()
+        self._delivery_queue: list[tuple[Delivery, asyncio.Future[bool]]] = []
+        self._delivery_writer: asyncio.Task[None] | None = None
         self._interrupted = False
 
     @classmethod
@@ -113,6 +115,8 @@ class SqliteStore:
         return cls(path, writer, reader, snapshots)
 
     async def close(self) -> None:
+        if self._delivery_writer is not None:
+            await self._delivery_writer
         async with self._write_lock:
             await self._r.close()
             await self._s.close()
@@ -446,24 +450,40 @@ class SqliteStore:
     # -- Webhook deliveries --------------------------------------------------------------
 
     async def add_delivery(self, delivery: Delivery) -> bool:
-        """Store a delivery once; False when its id was seen before (a redelivery)."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT INTO webhook_deliveries (delivery_id, event, action, installation_id,"
-                " payload, status, attempts, next_attempt_at, received_at)"
-                " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)"
-                " ON CONFLICT (delivery_id) DO NOTHING",
-                (
-                    delivery.delivery_id,
-                    delivery.event,
-                    delivery.action,
-                    delivery.installation_id,
-                    delivery.payload,
-                    isoformat(delivery.next_attempt_at),
-                    isoformat(delivery.received_at),
-                ),
-            )
-            return cursor.rowcount == 1
+        """Store a delivery once; False when its id was seen before (a redelivery).
+
+        Returns only once the delivery is committed. Concurrent callers share commits
+        (group commit): whatever arrived while the writer was busy is written in its next
+        transaction, so the cost of a commit is spread over all the deliveries in it and
+        no one waits for a timer."""
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._delivery_queue.append((delivery, waiter))
+        if self._delivery_writer is None or self._delivery_writer.done():
+            self._delivery_writer = asyncio.create_task(self._write_deliveries())
+        return await waiter
+
+    async def _write_deliveries(self) -> None:
+        batch: list[tuple[Delivery, asyncio.Future[bool]]] = []
+        try:
+            while self._delivery_queue:
+                try:
+                    async with self._transaction() as db:
+                        # Taken with the write lock held: everything queued until the
+                        # writer was free goes into this transaction.
+                        batch, self._delivery_queue = self._delivery_queue, []
+                        stored = await _insert_deliveries(db, [d for d, _ in batch])
+                except Exception as exc:
+                    _settle(batch, exc)
+                    continue
+                for (_, waiter), new in zip(batch, stored, strict=True):
+                    if not waiter.done():  # its request may have gone away meanwhile
+                        waiter.set_result(new)
+                batch = []
+        except BaseException:
+            # Cancelled (the loop is closing): no caller may wait for ever.
+            _settle(batch + self._delivery_queue, StoreError("the store is closing"))
+            self._delivery_queue = []
+            raise
 
     async def due_deliveries(self, now: datetime, *, limit: int) -> list[Delivery]:
         async with self._r.execute(
@@ -768,6 +788,50 @@ def _effect(row: sqlite3.Row) -> Effect:
 
 def _json_or_none(value: Mapping[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _settle(waiting: Sequence[tuple[Delivery, asyncio.Future[bool]]], exc: Exception) -> None:
+    for _, waiter in waiting:
+        if not waiter.done():
+            waiter.set_exception(exc)
+
+
+async def _insert_deliveries(
+    db: aiosqlite.Connection, deliveries: Sequence[Delivery]
+) -> list[bool]:
+    """Insert new deliveries; for each, whether it was new (not stored before and not
+    earlier in the same list). Two statements whatever the count."""
+    ids = [d.delivery_id for d in deliveries]
+    async with db.execute(
+        "SELECT delivery_id FROM webhook_deliveries"
+        " WHERE delivery_id IN (SELECT value FROM json_each(?))",
+        (json.dumps(ids),),
+    ) as cursor:
+        seen = {row[0] for row in await cursor.fetchall()}
+    new: list[bool] = []
+    rows = []
+    for delivery in deliveries:
+        new.append(delivery.delivery_id not in seen)
+        if new[-1]:
+            seen.add(delivery.delivery_id)
+            rows.append(
+                (
+                    delivery.delivery_id,
+                    delivery.event,
+                    delivery.action,
+                    delivery.installation_id,
+                    delivery.payload,
+                    isoformat(delivery.next_attempt_at),
+                    isoformat(delivery.received_at),
+                )
+            )
+    await db.executemany(
+        "INSERT INTO webhook_deliveries (delivery_id, event, action, installation_id,"
+        " payload, status, attempts, next_attempt_at, received_at)"
+        " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+        rows,
+    )
+    return new
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:
