@@ -38,6 +38,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import re
 import secrets
 import string
 import sys
@@ -332,6 +333,7 @@ class Repo:
     workflows: dict[int, dict[str, Any]] = field(default_factory=dict)
     runs: dict[int, dict[str, Any]] = field(default_factory=dict)
     dispatches: list[dict[str, Any]] = field(default_factory=list)
+    run_names: dict[int, str] = field(default_factory=dict)  # workflow id -> its run-name
     pulls: dict[int, dict[str, Any]] = field(default_factory=dict)
     pull_files: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)  # "heads/main" -> sha
@@ -864,12 +866,18 @@ class FakeGitHub:
         state.refs.setdefault(f"tags/{tag}", fake_sha(state.full_name, tag))
         return release_id
 
-    def add_workflow(self, repo: str, file: str, *, name: str | None = None) -> int:
-        """A workflow by file name (``canary.yml``) or path; returns its id."""
+    def add_workflow(
+        self, repo: str, file: str, *, name: str | None = None, run_name: str | None = None
+    ) -> int:
+        """A workflow by file name (``canary.yml``) or path; returns its id. ``run_name``
+        is the workflow's ``run-name``: ``${{ inputs.x }}`` in it takes a dispatch's input,
+        and the result is the run's ``display_title``, as on GitHub."""
         state = self.add_repo(repo)
         path = file if "/" in file else f".github/workflows/{file}"
         for workflow in state.workflows.values():
             if workflow["path"] == path:
+                if run_name is not None:
+                    state.run_names[int(workflow["id"])] = run_name
                 return int(workflow["id"])
         workflow = example("GET /repos/{owner}/{repo}/actions/workflows/{workflow_id}")
         workflow_id = self.new_id()
@@ -887,6 +895,8 @@ class FakeGitHub:
             "/badge.svg",
         )
         state.workflows[workflow_id] = workflow
+        if run_name is not None:
+            state.run_names[workflow_id] = run_name
         return workflow_id
 
     def add_workflow_run(
@@ -2398,6 +2408,14 @@ def _dispatch_workflow(ctx: Ctx) -> Any:
     run = ctx.fake._new_run(
         repo, workflow, branch, repo.resolve(ref), "workflow_dispatch", ctx.fake.author(ctx)
     )
+    inputs = ctx.arg("inputs") or {}
+    template = repo.run_names.get(int(workflow["id"]))
+    if template is not None:
+        run["display_title"] = re.sub(
+            r"\$\{\{\s*inputs\.([A-Za-z0-9_-]+)\s*\}\}",
+            lambda m: str(inputs.get(m.group(1), "")),
+            template,
+        )
     repo.dispatches.append(
         {
             "workflow_id": workflow["id"],
@@ -2425,6 +2443,8 @@ def _filter_runs(ctx: Ctx, runs: Iterable[dict[str, Any]]) -> list[dict[str, Any
         "head_sha": lambda r, v: r["head_sha"] == v,
         "actor": lambda r, v: r["actor"]["login"].lower() == v.lower(),
         "check_suite_id": lambda r, v: str(r["check_suite_id"]) == v,
+        # Only the ">=" form of GitHub's date-range syntax.
+        "created": lambda r, v: v.startswith(">=") and r["created_at"] >= v[2:],
     }
     for name, keep in filters.items():
         if q.get(name):

@@ -19,6 +19,7 @@ from app.github.outbox import (
     add_labels,
     add_reaction,
     create_check_run,
+    dispatch_workflow,
     edit_issue,
     marker,
     open_issue,
@@ -173,7 +174,34 @@ async def test_one_issue_held_up_does_not_hold_up_another(
     assert [b.split("\n")[0] for b in bodies(github)] == ["through"]
 
 
-@pytest.mark.parametrize("kind", ["comment", "issue", "check_run"])
+async def test_a_workflow_is_dispatched_with_its_key_as_an_input(
+    outbox: Outbox, worker: OutboxWorker, github: FakeGitHub, installation: int
+) -> None:
+    github.add_workflow(REPO, "canary.yml", run_name="canary ${{ inputs.dispatch_id }}")
+    await outbox.add(
+        [
+            dispatch_workflow(
+                installation, REPO, "canary.yml", "main", key="canary-b1", inputs={"build": "b1"}
+            )
+        ]
+    )
+    await worker.drain()
+
+    (dispatch,) = github.repo(REPO).dispatches
+    assert dispatch["inputs"] == {"build": "b1", "dispatch_id": "canary-b1"}
+    (done,) = await worker.store.list_effects(status="done", limit=1)
+    assert done.result == {"run_id": dispatch["run_id"], "url": ANY_URL}
+
+
+class _AnyUrl:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and other.startswith("http")
+
+
+ANY_URL = _AnyUrl()
+
+
+@pytest.mark.parametrize("kind", ["comment", "issue", "check_run", "workflow_dispatch"])
 async def test_a_crash_between_githubs_201_and_the_local_commit_duplicates_nothing(
     kind: str,
     outbox: Outbox,
@@ -188,7 +216,9 @@ async def test_a_crash_between_githubs_201_and_the_local_commit_duplicates_nothi
         "comment": add_comment(installation, REPO, issue, "Paused.", key="reply-9"),
         "issue": open_issue(installation, REPO, "Rollout r-2", "Stage 1", key="rollout-r-2"),
         "check_run": create_check_run(installation, REPO, "b" * 40, "canary", external_id="c-2"),
+        "workflow_dispatch": dispatch_workflow(installation, REPO, "canary.yml", "main", key="d-2"),
     }[kind]
+    github.add_workflow(REPO, "canary.yml", run_name="canary ${{ inputs.dispatch_id }}")
     await outbox.add([effect])
 
     class Crash(BaseException):
@@ -217,6 +247,7 @@ async def test_a_crash_between_githubs_201_and_the_local_commit_duplicates_nothi
         "comment": lambda: github.repo(REPO).comments,
         "issue": lambda: [i for i in github.repo(REPO).issues.values() if i["number"] != issue],
         "check_run": lambda: github.repo(REPO).check_runs,
+        "workflow_dispatch": lambda: github.repo(REPO).runs,
     }[kind]()
     assert len(objects) == 1
 

@@ -188,6 +188,35 @@ def update_check_run(
     )
 
 
+def dispatch_workflow(
+    installation_id: int,
+    repo: str,
+    workflow: str,
+    ref: str,
+    *,
+    key: str,
+    inputs: Mapping[str, str] | None = None,
+    key_input: str = "dispatch_id",
+) -> NewEffect:
+    """A ``workflow_dispatch`` of ``workflow`` (file name or id) on ``ref``, made once.
+
+    GitHub gives a dispatch no id of its own, so ``key`` goes in as the input
+    ``key_input``: the workflow must declare that input and show it in its ``run-name``
+    (``run-name: canary ${{ inputs.dispatch_id }}``), so that a repeated attempt finds
+    the run the earlier one started instead of starting another."""
+    marker(key)
+    payload = {
+        "repo": repo,
+        "workflow": workflow,
+        "ref": ref,
+        "key": key,
+        "inputs": {**(inputs or {}), key_input: key},
+    }
+    return NewEffect(
+        installation_id, f"{repo.lower()}@workflow:{workflow}:{key}", "workflow_dispatch", payload
+    )
+
+
 def check_run_target(repo: str, external_id: str) -> str:
     return f"{repo.lower()}@check:{external_id}"
 
@@ -400,6 +429,33 @@ async def _check_run_edit(attempt: Attempt) -> None:
         data=dict(p["fields"]),
     )
     return None
+
+
+@applier("workflow_dispatch")
+async def _workflow_dispatch(attempt: Attempt) -> Mapping[str, Any]:
+    p = attempt.payload
+    url_vars = {**attempt.repo_vars, "workflow_id": str(p["workflow"])}
+    if attempt.repeated:
+        async for run in attempt.client.getiter(
+            "/repos/{owner}/{repo}/actions/workflows/{workflow_id}/runs{?event,created,per_page}",
+            {
+                **url_vars,
+                "event": "workflow_dispatch",
+                "created": f">={attempt.since}",
+                "per_page": "100",
+            },
+            iterable_key="workflow_runs",
+        ):
+            if str(p["key"]) in (run.get("display_title") or ""):
+                return {"run_id": run["id"], "url": run["html_url"], "found": True}
+    started = await attempt.client.post(
+        "/repos/{owner}/{repo}/actions/workflows/{workflow_id}/dispatches",
+        url_vars=url_vars,
+        data={"ref": p["ref"], "inputs": dict(p["inputs"]), "return_run_details": True},
+    )
+    if isinstance(started, Mapping) and "workflow_run_id" in started:
+        return {"run_id": started["workflow_run_id"], "url": started.get("html_url")}
+    return {}  # a GitHub that answers 204 names no run; it is found later by its key
 
 
 # -- the queue and its worker -----------------------------------------------------------------
