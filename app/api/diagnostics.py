@@ -165,7 +165,7 @@ async def list_outbox(call: Call) -> web.StreamResponse:
     limit = call.query.get("limit", 50)
     cursor = call.query.get("cursor")
     if cursor is not None and not cursor.isdigit():
-        raise ApiError(400, "BAD_REQUEST", "cursor: use the nextCursor of the previous page")
+        raise ApiError(400, "INVALID_QUERY", "cursor is not one this API handed out")
     rows = await call.services.store.list_effects(
         status=call.query.get("status"),
         before_id=int(cursor) if cursor is not None else None,
