@@ -135,5 +135,6 @@ async def test_the_outbox_list_pages_newest_first(api: Api, installation: int) -
     ids = [e["id"] for e in first["items"] + second["items"]]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == 5
     assert second["nextCursor"] is None
-    response, _ = await api.get("/outbox?cursor=abc", token=admin)
-    assert response.status == 400
+    for cursor in ["abc", "²", "9" * 40]:
+        response, _ = await api.get(f"/outbox?cursor={cursor}", token=admin)
+        assert response.status == 400

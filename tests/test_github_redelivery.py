@@ -26,7 +26,9 @@ def missed(store: SqliteStore, app_github, clock) -> MissedDeliveries:
 
 async def store_delivery(store: SqliteStore, clock, guid: str) -> None:
     body = json.dumps({"action": "opened"}).encode()
-    assert await Deliveries(store, clock).accept("issues", guid, body, json.loads(body))
+    assert await Deliveries(store, clock).accept(
+        "issues", guid, body, action="opened", installation_id=None
+    )
 
 
 async def test_only_deliveries_never_stored_are_redelivered(

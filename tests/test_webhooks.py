@@ -20,6 +20,7 @@ from app.github.webhooks import (
     Deliveries,
     WebhookContext,
     WebhookProcessor,
+    delivery_fields,
 )
 from app.store import SqliteStore
 from tests.conftest import Api, MakeApi
@@ -201,7 +202,10 @@ class Flaky:
 async def accept_issue_event(deliveries: Deliveries) -> str:
     delivery_id = str(uuid.uuid4())
     body = (WEBHOOKS / "issues.opened.0.json").read_bytes()
-    assert await deliveries.accept("issues", delivery_id, body, json.loads(body))
+    action, installation_id = delivery_fields(json.loads(body))
+    assert await deliveries.accept(
+        "issues", delivery_id, body, action=action, installation_id=installation_id
+    )
     return delivery_id
 
 

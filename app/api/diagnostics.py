@@ -164,7 +164,8 @@ async def diagnostics(call: Call) -> web.StreamResponse:
 async def list_outbox(call: Call) -> web.StreamResponse:
     limit = call.query.get("limit", 50)
     cursor = call.query.get("cursor")
-    if cursor is not None and not cursor.isdigit():
+    # isascii() too: isdigit() also accepts digits such as "²" that int() refuses.
+    if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
         raise ApiError(400, "INVALID_QUERY", "cursor is not one this API handed out")
     rows = await call.services.store.list_effects(
         status=call.query.get("status"),

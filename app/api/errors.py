@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -92,10 +93,20 @@ def error_response(
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# Unique across processes (the random half) and within one (the counter), and cheaper
+# than a random id per request on the intake path.
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else _new_request_id()
     request[REQUEST_ID] = request_id
     try:
         response = await handler(request)

@@ -162,8 +162,11 @@ async def read_body(request: web.Request, limit: int, *, what: str = "request bo
     """The whole body, or 413 as soon as it is known to exceed ``limit`` (announced or
     streamed), so an oversized body is never held in memory."""
     too_large = ApiError(413, "PAYLOAD_TOO_LARGE", f"{what} is larger than {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise too_large
+        # The length is announced and allowed: aiohttp stops at it, no chunk loop needed.
+        return await request.read()
     data = bytearray()
     async for chunk in request.content.iter_chunked(65536):
         data += chunk

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import hmac
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from gidgethub import routing, sansio
 
 from app.clock import Clock
@@ -41,8 +40,10 @@ BATCH = 50
 
 def signature_valid(secret: str, body: bytes, header: str) -> bool:
     """``X-Hub-Signature-256`` check, in constant time. SHA-1 signatures are not accepted."""
-    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected.encode(), header.strip().encode())
+    # The digest named by a string takes OpenSSL's one-shot path, a third faster than
+    # passing the constructor (this runs on every delivery, over up to 25 MB).
+    expected = b"sha256=" + hmac.digest(secret.encode(), body, "sha256").hex().encode()
+    return hmac.compare_digest(expected, header.strip().encode())
 
 
 @dataclass
@@ -70,17 +71,27 @@ class Deliveries:
         self.clock = clock
         self.wake = asyncio.Event()
 
-    async def accept(self, event: str, delivery_id: str, body: bytes, data: Any) -> bool:
-        """Store the delivery; False when this delivery id was stored before."""
+    async def accept(
+        self,
+        event: str,
+        delivery_id: str,
+        body: bytes,
+        *,
+        action: str | None,
+        installation_id: int | None,
+    ) -> bool:
+        """Store the delivery; False when this delivery id was stored before.
+
+        Takes the raw body and the two fields the queue needs, not the parsed payload:
+        holding thousands of parsed objects per request while the commit is awaited
+        keeps the garbage collector busy (the worker parses the body again anyway)."""
         now = self.clock.now()
-        installation = data.get("installation") if isinstance(data, dict) else None
-        action = data.get("action") if isinstance(data, dict) else None
         stored = await self.store.add_delivery(
             Delivery(
                 delivery_id=delivery_id,
                 event=event,
-                action=action if isinstance(action, str) else None,
-                installation_id=_installation_id(installation),
+                action=action,
+                installation_id=installation_id,
                 payload=body.decode("utf-8"),
                 status="pending",
                 attempts=0,
@@ -151,7 +162,7 @@ class WebhookProcessor:
 
     async def process(self, delivery: Delivery) -> None:
         event = sansio.Event(
-            json.loads(delivery.payload), event=delivery.event, delivery_id=delivery.delivery_id
+            orjson.loads(delivery.payload), event=delivery.event, delivery_id=delivery.delivery_id
         )
         if not self.router.fetch(event):
             log.debug("no handler for %s (%s)", delivery.event, delivery.delivery_id)
@@ -191,7 +202,14 @@ class WebhookProcessor:
         await self.store.fail_delivery(delivery.delivery_id, error, retry_at=now + delay, at=now)
 
 
-def _installation_id(installation: Any) -> int | None:
-    if isinstance(installation, Mapping) and isinstance(installation.get("id"), int):
-        return int(installation["id"])
-    return None
+def delivery_fields(data: Any) -> tuple[str | None, int | None]:
+    """A payload's ``action`` and installation id, when it has them."""
+    if not isinstance(data, Mapping):
+        return None, None
+    action = data.get("action")
+    installation = data.get("installation")
+    installation_id = installation.get("id") if isinstance(installation, Mapping) else None
+    return (
+        action if isinstance(action, str) else None,
+        installation_id if isinstance(installation_id, int) else None,
+    )
