@@ -5,12 +5,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
+
+from app.pipeline.version.providers import (
+    BUILTIN_PROVIDERS,
+    Provider,
+    ProvidersFileError,
+    providers_from_env,
+)
 
 T = TypeVar("T")
 
@@ -122,6 +130,9 @@ class Settings:
     github_client_secret: Secret | None = None
     github_api_url: str = "https://api.github.com"
     github_web_url: str = "https://github.com"
+    providers: tuple[Provider, ...] = BUILTIN_PROVIDERS
+    min_release_age: timedelta = timedelta(0)
+    package_page_url: str | None = None  # template with {package} and {version}
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -197,6 +208,13 @@ class _Reader:
             github_client_secret=self.get("GITHUB_CLIENT_SECRET", Secret, None),
             github_api_url=self.get("GITHUB_API_URL", _base_url, d.github_api_url),
             github_web_url=self.get("GITHUB_WEB_URL", _base_url, d.github_web_url),
+            providers=self._providers(),
+            min_release_age=self.get(
+                "UPDATE_PIPELINE_MIN_RELEASE_AGE", _duration, d.min_release_age
+            ),
+            package_page_url=self.get(
+                "UPDATE_PIPELINE_PACKAGE_PAGE_URL", _page_template, d.package_page_url
+            ),
         )
         if (values.github_app_id is None) != (values.github_private_key is None) and not any(
             p.startswith("GITHUB_PRIVATE_KEY") for p in self.problems
@@ -208,6 +226,13 @@ class _Reader:
         if self.problems:
             raise ConfigError(self.problems)
         return values
+
+    def _providers(self) -> tuple[Provider, ...]:
+        try:
+            return providers_from_env(self.env.get("UPDATE_PIPELINE_PROVIDERS_FILE"))
+        except ProvidersFileError as exc:
+            self.problems.extend(f"UPDATE_PIPELINE_PROVIDERS_FILE: {p}" for p in exc.problems)
+            return BUILTIN_PROVIDERS
 
     def _private_key(self) -> Secret | None:
         inline = self.env.get("GITHUB_PRIVATE_KEY", "").strip()
@@ -248,6 +273,27 @@ def _positive_duration(text: str, bare_unit: str | None = None) -> timedelta:
     if value <= timedelta(0):
         raise ValueError(f"{text!r} must be greater than zero")
     return value
+
+
+def _duration(text: str) -> timedelta:
+    return parse_duration(text)
+
+
+def _page_template(text: str) -> str:
+    """A URL template with only {package} and {version} in it."""
+    template = text.strip()
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        template.format(package="p", version="1.0.0")
+    except (ValueError, IndexError, KeyError):
+        fields = {"?"}
+    if not fields <= {"package", "version"}:
+        raise ValueError(f"{text!r}: only {{package}} and {{version}} may appear in braces")
+    try:
+        _base_url(template.format(package="p", version="1.0.0"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an http(s) URL template") from None
+    return template
 
 
 def _body_limit(text: str) -> int:

@@ -7,6 +7,7 @@ import gc
 import signal
 from collections.abc import Sequence
 
+import aiohttp
 from aiohttp import web
 
 from app.api import build_route_table
@@ -24,6 +25,8 @@ from app.github.redelivery import MissedDeliveries, MissedDeliverySweep
 from app.github.webhooks import WebhookContext, WebhookProcessor
 from app.logs import get_logger
 from app.pipeline import Component, UpdatePipeline
+from app.pipeline.version.sources import upstream_sources
+from app.pipeline.version.watcher import VersionWatcher
 from app.services import Services
 from app.store import InstanceLock, SqliteStore
 
@@ -80,6 +83,26 @@ def github_components(
     return components
 
 
+async def version_watcher(services: Services, session: aiohttp.ClientSession) -> VersionWatcher:
+    """The VersionWatcher with the sources the providers name. It has no canary to hand
+    versions to yet: with auto-canary on, announced versions wait in the store."""
+    settings = services.settings
+    sources = await upstream_sources(
+        settings, session, github=services.github, store=services.store
+    )
+    return VersionWatcher(
+        services.store,
+        services.bus,
+        services.clock,
+        [p.id for p in settings.providers],
+        sources,
+        interval=settings.poll_interval,
+        polling=settings.polling,
+        auto_canary=settings.auto_canary,
+        min_release_age=settings.min_release_age,
+    )
+
+
 async def start_pipeline(services: Services, components: Sequence[Component] = ()) -> None:
     """Start the pipeline if enabled. A failure is logged and leaves the API up with the
     pipeline off (design section 9.2); /ready and /status report it."""
@@ -117,10 +140,16 @@ async def serve(
         try:
             services = Services.build(settings, store, clock or Clock())
             services.github = GitHubApp.from_settings(settings, services.clock)
+            # Upstream registries get a session of their own, apart from GitHub's.
+            upstream = aiohttp.ClientSession()
             try:
-                await start_pipeline(services, [*github_components(services), *components])
+                own = github_components(services)
+                if settings.enabled:
+                    own.append(await version_watcher(services, upstream))
+                await start_pipeline(services, [*own, *components])
                 await _run_http(services, stop)
             finally:
+                await upstream.close()
                 if services.github is not None:
                     await services.github.close()
         finally:

@@ -196,6 +196,7 @@ async def make_api(
         components: Sequence[Component] = (),
         with_github: bool = False,
         commands: CommandRegistry | None = None,
+        build: Callable[[Services], Sequence[Component]] | None = None,
     ) -> Api:
         active = settings_override or settings
         store = await SqliteStore.open(active.db_path)
@@ -205,6 +206,8 @@ async def make_api(
             # Pacing and back-off sleeps return at once (and are recorded).
             services.github = GitHubApp.from_settings(active, clock, sleep=github_sleep)
             components = [*github_components(services, commands), *components]
+        if build is not None:  # components that need the services
+            components = [*components, *build(services)]
         await start_pipeline(services, components)
         client = await aiohttp_client(create_app(services))
         opened.append((store, services, client))

@@ -1260,10 +1260,18 @@ class FakeGitHub:
         if caller.kind == "installation":
             assert caller.installation is not None and caller.token is not None
             narrowed = caller.token.repos
-            if repo is None or not caller.installation.covers(full_name):
+            if repo is None:
                 raise not_found()
-            if narrowed is not None and full_name.lower() not in narrowed:
-                raise not_found()
+            covered = caller.installation.covers(full_name) and (
+                narrowed is None or full_name.lower() in narrowed
+            )
+            if not covered:
+                # As on GitHub: any token reads a public repository; writing to one the
+                # installation does not cover is refused, a private one stays unseen.
+                if repo.private:
+                    raise not_found()
+                if ctx.method not in ("GET", "HEAD"):
+                    raise GitHubError(403, "Resource not accessible by integration")
         return repo
 
     def _fault_response(self, fault: Fault) -> web.Response:

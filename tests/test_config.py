@@ -61,6 +61,9 @@ def test_an_empty_environment_gives_the_documented_defaults() -> None:
     assert settings.github_client_secret is None
     assert settings.log_format == "text"
     assert settings.log_level == "INFO"
+    assert [p.id for p in settings.providers] == ["claude_code", "codex", "gemini_cli"]
+    assert settings.min_release_age == timedelta(0)
+    assert settings.package_page_url is None
 
 
 def test_without_an_argument_settings_are_read_from_the_process_environment(
@@ -96,6 +99,8 @@ def test_every_documented_variable_is_read() -> None:
             "GITHUB_CLIENT_SECRET": "client-secret",
             "GITHUB_API_URL": "https://ghe.example.com/api/v3/",
             "GITHUB_WEB_URL": "http://ghe.example.com",
+            "UPDATE_PIPELINE_MIN_RELEASE_AGE": "3d",
+            "UPDATE_PIPELINE_PACKAGE_PAGE_URL": "https://packages.example/{package}/v/{version}",
         }
     )
 
@@ -118,6 +123,8 @@ def test_every_documented_variable_is_read() -> None:
         github_client_secret=Secret("client-secret"),
         github_api_url="https://ghe.example.com/api/v3",
         github_web_url="http://ghe.example.com",
+        min_release_age=timedelta(days=3),
+        package_page_url="https://packages.example/{package}/v/{version}",
     )
 
 
@@ -494,3 +501,39 @@ def test_shutdown_timeout_must_leave_some_grace():
 def test_app_id_and_private_key_go_together(env: dict[str, str]) -> None:
     (problem,) = config_error(env).problems
     assert problem.startswith("GITHUB_APP_ID and a private key")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "https://x.example/{pkg}",
+        "https://x.example/{0}",
+        "https://x.example/{package",
+        "ftp://x/{package}",
+    ],
+)
+def test_the_package_page_template_takes_only_package_and_version(raw: str) -> None:
+    (problem,) = config_error({"UPDATE_PIPELINE_PACKAGE_PAGE_URL": raw}).problems
+    assert problem.startswith("UPDATE_PIPELINE_PACKAGE_PAGE_URL: ")
+
+
+def test_the_minimum_release_age_is_a_duration_and_may_be_zero() -> None:
+    assert Settings.from_env(
+        {"UPDATE_PIPELINE_MIN_RELEASE_AGE": "0s"}
+    ).min_release_age == timedelta(0)
+    (problem,) = config_error({"UPDATE_PIPELINE_MIN_RELEASE_AGE": "three days"}).problems
+    assert problem.startswith("UPDATE_PIPELINE_MIN_RELEASE_AGE: ")
+
+
+def test_a_providers_file_adds_providers_and_its_problems_name_variable_and_line(
+    tmp_path: Path,
+) -> None:
+    good = tmp_path / "providers.toml"
+    good.write_text('[providers.aider]\nnpm = "aider-chat-bin"\n')
+    settings = Settings.from_env({"UPDATE_PIPELINE_PROVIDERS_FILE": str(good)})
+    assert [p.id for p in settings.providers][-1] == "aider"
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[providers.aider]\nnmp = "typo"\n')
+    (problem,) = config_error({"UPDATE_PIPELINE_PROVIDERS_FILE": str(bad)}).problems
+    assert problem.startswith(f"UPDATE_PIPELINE_PROVIDERS_FILE: {bad}:2: ")

@@ -194,6 +194,8 @@ async def test_tokens_for_unknown_or_suspended_installations_are_refused(http, g
 async def test_a_token_reaches_only_its_installations_repositories(http, github):
     acme = github.add_installation(account="acme", repos=["acme/runner", "acme/docs"])
     github.add_installation(account="other", repos=["other/secret"])
+    for private in ("acme/runner", "other/secret"):
+        github.repo(private).private = True
     github.add_issue("acme/runner", "ours")
     github.add_issue("other/secret", "theirs")
     auth = await token(http, github, acme)
@@ -216,6 +218,20 @@ async def test_a_token_reaches_only_its_installations_repositories(http, github)
     assert status == 201 and [r["full_name"] for r in body["repositories"]] == ["acme/docs"]
     narrow = f"token {body['token']}"
     assert (await send(http, github, "GET", "/repos/acme/runner/issues/1", auth=narrow))[0] == 404
+
+
+async def test_any_token_reads_a_public_repository_but_writes_only_where_installed(http, github):
+    acme = github.add_installation(account="acme", repos=["acme/runner"])
+    github.add_installation(account="openai", repos=["openai/codex"])
+    github.add_release("openai/codex", "v1.0.0")
+    auth = await token(http, github, acme)
+
+    status, _, body = await send(http, github, "GET", "/repos/openai/codex/releases", auth=auth)
+    assert status == 200 and body[0]["tag_name"] == "v1.0.0"
+    status, _, body = await send(
+        http, github, "POST", "/repos/openai/codex/issues", auth=auth, body={"title": "x"}
+    )
+    assert (status, body["message"]) == (403, "Resource not accessible by integration")
 
 
 # -- Pagination ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sqlite3
 from datetime import timedelta
 
 from app.pipeline import UpdatePipeline
-from app.store import BuildRecord, RolloutRecord, RuntimeVersionRecord
+from app.store import BuildRecord, FoundVersion, RolloutRecord
 from tests.conftest import START, Api, MakeApi
 
 STATUS_KEYS = {
@@ -76,7 +76,9 @@ async def test_status_counts_what_the_store_holds(api: Api, db_path):
         ("codex", "0.9.0"),
         ("codex", "not-a-version"),
     ]:
-        await store.record_runtime_version(RuntimeVersionRecord(provider, version, at), at)
+        await store.record_versions(
+            [FoundVersion(provider, version, at, "npm")], at, keep_events=100
+        )
     for build in ("build-aaa", "build-bbb"):
         await store.add_build(BuildRecord(build, "1.0.0", at, {"codex": "0.9.0"}), at)
     for i, state in enumerate(["rolling_out", "paused", "pending", "completed", "rolled_back"]):
@@ -105,7 +107,7 @@ async def test_status_counts_what_the_store_holds(api: Api, db_path):
     assert body["activeCanaryTests"] == 2
     assert body["activeSweeps"] == 1
     assert body["knownVersions"] == {
-        "claude_code": "2.0.0-beta.1",
+        "claude_code": "1.10.0",  # the newest stable: prereleases do not count
         "codex": "0.9.0",
         "gemini_cli": None,
     }

@@ -1,6 +1,6 @@
 """The HTTP API: thin handlers over the pipeline, one module per resource."""
 
-from app.api import diagnostics, events, system, tokens, webhooks
+from app.api import diagnostics, events, system, tokens, versions, webhooks
 from app.api.routing import RouteTable
 
 
@@ -12,4 +12,5 @@ def build_route_table() -> RouteTable:
     table.extend(events.ROUTES)
     table.extend(webhooks.ROUTES)
     table.extend(diagnostics.ROUTES)
+    table.extend(versions.ROUTES)
     return table

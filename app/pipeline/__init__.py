@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.clock import Clock
-from app.config import Settings
 from app.logs import get_logger
 from app.pipeline.events import EventBus
-from app.pipeline.version.providers import BUILTIN_PROVIDERS
 from app.pipeline.version.semver import newest
 from app.store import Store
+
+if TYPE_CHECKING:  # app.config reads the providers file, from this package
+    from app.config import Settings
 
 log = get_logger("pipeline")
 
@@ -48,7 +49,7 @@ class UpdatePipeline:
         self.bus = bus
         self.clock = clock
         self.components = list(components)
-        self.providers = [p.id for p in BUILTIN_PROVIDERS]
+        self.providers = [p.id for p in settings.providers]
         self._started: list[Component] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, str] = {}
@@ -133,10 +134,15 @@ class UpdatePipeline:
         counts = await self.store.status_counts(self.providers)
         return {
             "running": self.running,
-            "versionWatcherActive": self.running and self.component(VERSION_WATCHER) is not None,
+            # True exactly while the watcher polls (it may run without polling, to take
+            # heartbeat versions and manual checks).
+            "versionWatcherActive": self.running
+            and bool(getattr(self.component(VERSION_WATCHER), "active", False)),
             "activeCanaryTests": counts.active_canaries,
             "activeRollouts": counts.active_rollouts,
             "activeSweeps": counts.active_sweeps,
-            "knownVersions": {p: newest(counts.versions.get(p, ())) for p in self.providers},
+            "knownVersions": {
+                p: newest(counts.versions.get(p, ()), stable=True) for p in self.providers
+            },
             "recommendedBuilds": {c: counts.recommended_builds.get(c) for c in CHANNELS},
         }

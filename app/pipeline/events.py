@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from app.clock import Clock
@@ -84,6 +84,16 @@ class EventBus:
 
     async def publish(self, type: str, data: Mapping[str, Any] | None = None) -> EventRecord:
         event = await self.store.append_event(type, data or {}, self.clock.now(), keep=self.keep)
+        self.deliver([event])
+        return event
+
+    def deliver(self, events: Sequence[EventRecord]) -> None:
+        """Fan out events already stored, by a store method that wrote them in the same
+        transaction as the change they report."""
+        for event in events:
+            self._offer(event)
+
+    def _offer(self, event: EventRecord) -> None:
         for subscriber in list(self._subscribers):
             if not subscriber.offer(event):
                 # A slow listener must never hold up the pipeline or other listeners.
@@ -91,7 +101,6 @@ class EventBus:
                 log.warning(
                     "dropped a live event listener that fell %d events behind", self.queue_size
                 )
-        return event
 
     def subscribe(self, on_drop: Callable[[], None] | None = None) -> Subscription:
         """``on_drop`` runs (inside ``publish``, so it must not block) if the listener falls

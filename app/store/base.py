@@ -52,13 +52,36 @@ class EventRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class RuntimeVersionRecord:
+class FoundVersion:
+    """A version a source reported: an upstream release, or a runner's heartbeat."""
+
     provider_id: str
     version: str
     released_at: datetime
+    source: str  # npm, github, heartbeat
     source_url: str | None = None
-    canary_passed: bool = False
-    canary_passed_at: datetime | None = None
+    prerelease: bool = False
+    # Part of a provider's history, recorded by its first check: no event, no canary.
+    baseline: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeVersionRecord:
+    """Design section 5.2's RuntimeVersion, with where it came from."""
+
+    id: str
+    provider_id: str
+    version: str
+    released_at: datetime
+    source: str
+    source_url: str | None
+    prerelease: bool
+    canary_passed: bool
+    canary_passed_at: datetime | None
+    announced_at: datetime | None  # None: only runners have reported it (drift)
+    handed_to_canary_at: datetime | None
+    baseline: bool
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +213,21 @@ class Store(Protocol):
     async def events_after(self, after_id: int, *, limit: int = 500) -> list[EventRecord]: ...
 
     # Design section 5.2 models
-    async def record_runtime_version(self, version: RuntimeVersionRecord, at: datetime) -> bool: ...
+    async def record_versions(
+        self, found: Sequence[FoundVersion], at: datetime, *, keep_events: int
+    ) -> list[EventRecord]: ...
+    async def record_heartbeat_version(
+        self, found: FoundVersion, at: datetime, *, keep_events: int
+    ) -> EventRecord | None: ...
+    async def version_pairs(self) -> dict[tuple[str, str], bool]: ...
+    async def list_versions(
+        self, *, provider_id: str | None, before: str | None, limit: int
+    ) -> list[RuntimeVersionRecord]: ...
+    async def versions_for_canary(
+        self, released_before: datetime, *, limit: int
+    ) -> list[RuntimeVersionRecord]: ...
+    async def next_canary_eligible(self) -> datetime | None: ...
+    async def mark_handed_to_canary(self, version_id: str, at: datetime) -> None: ...
     async def add_build(self, build: BuildRecord, at: datetime) -> None: ...
     async def add_rollout(self, rollout: RolloutRecord, at: datetime) -> None: ...
     async def set_recommended_build(self, channel: str, build_id: str, at: datetime) -> None: ...

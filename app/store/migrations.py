@@ -206,4 +206,30 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        5,
+        "version discovery",
+        """
+        -- Where a version was first seen (npm, github, heartbeat); whether it is a
+        -- prerelease (a beta candidate); when new_version_detected was emitted for it
+        -- (NULL while only runners have reported it); and when it was handed to the
+        -- canary (NULL until it was, or while it is younger than the minimum age).
+        -- Versions recorded by the first check of a provider are its history: they
+        -- are recorded without an event and never handed to the canary (baseline).
+        ALTER TABLE runtime_versions ADD COLUMN source TEXT NOT NULL DEFAULT 'npm';
+        ALTER TABLE runtime_versions ADD COLUMN prerelease INTEGER NOT NULL DEFAULT 0
+            CHECK (prerelease IN (0, 1));
+        ALTER TABLE runtime_versions ADD COLUMN announced_at TEXT;
+        ALTER TABLE runtime_versions ADD COLUMN handed_to_canary_at TEXT;
+        ALTER TABLE runtime_versions ADD COLUMN baseline INTEGER NOT NULL DEFAULT 0
+            CHECK (baseline IN (0, 1));
+        UPDATE runtime_versions SET announced_at = created_at, baseline = 1;
+        CREATE INDEX runtime_versions_listed ON runtime_versions (released_at, id);
+        CREATE INDEX runtime_versions_canary_queue ON runtime_versions (released_at)
+            WHERE announced_at IS NOT NULL AND handed_to_canary_at IS NULL AND baseline = 0;
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

@@ -22,6 +22,7 @@ from app.store.base import (
     Delivery,
     Effect,
     EventRecord,
+    FoundVersion,
     Installation,
     NewEffect,
     NewToken,
@@ -236,18 +237,8 @@ class SqliteStore:
     async def append_event(
         self, type: str, data: Mapping[str, Any], at: datetime, *, keep: int
     ) -> EventRecord:
-        payload = json.dumps(data, separators=(",", ":"), sort_keys=True)
         async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT INTO events (type, created_at, data) VALUES (?, ?, ?)",
-                (type, isoformat(at), payload),
-            )
-            event_id = cursor.lastrowid
-            assert event_id is not None
-            # Ids only grow, so everything at or below (newest - keep) is older than the
-            # newest `keep` rows; one indexed range delete, whatever the table's size.
-            await db.execute("DELETE FROM events WHERE id <= ?", (event_id - keep,))
-        return EventRecord(event_id, type, parse_iso(isoformat(at)), json.loads(payload))
+            return await _insert_event(db, type, data, at, keep)
 
     async def list_events(
         self, *, types: Sequence[str] = (), before_id: int | None = None, limit: int = 50
@@ -273,25 +264,106 @@ class SqliteStore:
 
     # -- Design models ----------------------------------------------------------------
 
-    async def record_runtime_version(self, version: RuntimeVersionRecord, at: datetime) -> bool:
-        """Insert a version once; returns False when (provider, version) was already known."""
+    async def record_versions(
+        self, found: Sequence[FoundVersion], at: datetime, *, keep_events: int
+    ) -> list[EventRecord]:
+        """Record upstream versions; one ``new_version_detected`` event for each version
+        announced for the first time, written in the same transaction as its row, so a
+        crash or a concurrent check can neither lose the event nor emit it twice.
+
+        A version only runners had reported becomes an announced release here, taking
+        the upstream release time."""
+        events: list[EventRecord] = []
         async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT INTO runtime_versions (id, provider_id, version, released_at, source_url,"
-                " canary_passed, canary_passed_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (provider_id, version) DO NOTHING",
-                (
-                    str(uuid.uuid4()),
-                    version.provider_id,
-                    version.version,
-                    isoformat(version.released_at),
-                    version.source_url,
-                    int(version.canary_passed),
-                    _iso_or_none(version.canary_passed_at),
-                    isoformat(at),
-                ),
+            for version in found:
+                row = await _insert_version(db, version, at, announced=True)
+                if row is None:
+                    async with db.execute(
+                        "UPDATE runtime_versions SET released_at = ?, source = ?,"
+                        " source_url = ?, prerelease = ?, announced_at = ?, baseline = ?"
+                        " WHERE provider_id = ? AND version = ? AND announced_at IS NULL"
+                        " RETURNING *",
+                        (
+                            isoformat(version.released_at),
+                            version.source,
+                            version.source_url,
+                            int(version.prerelease),
+                            isoformat(at),
+                            int(version.baseline),
+                            version.provider_id,
+                            version.version,
+                        ),
+                    ) as cursor:
+                        row = await cursor.fetchone()
+                if row is not None and not version.baseline:
+                    events.append(
+                        await _insert_event(
+                            db, "new_version_detected", _version_event(row), at, keep_events
+                        )
+                    )
+        return events
+
+    async def record_heartbeat_version(
+        self, found: FoundVersion, at: datetime, *, keep_events: int
+    ) -> EventRecord | None:
+        """Record a version a runner reported; a ``version_drift_detected`` event when
+        no source knew it."""
+        async with self._transaction() as db:
+            row = await _insert_version(db, found, at, announced=False)
+            if row is None:
+                return None
+            return await _insert_event(
+                db, "version_drift_detected", _version_event(row), at, keep_events
             )
-            return cursor.rowcount == 1
+
+    async def version_pairs(self) -> dict[tuple[str, str], bool]:
+        """Every (provider, version) known, and whether a source announced it (False:
+        only runners reported it)."""
+        async with self._r.execute(
+            "SELECT provider_id, version, announced_at IS NOT NULL FROM runtime_versions"
+        ) as cursor:
+            return {(row[0], row[1]): bool(row[2]) for row in await cursor.fetchall()}
+
+    async def list_versions(
+        self, *, provider_id: str | None, before: str | None, limit: int
+    ) -> list[RuntimeVersionRecord]:
+        """Newest release first; ``before`` is the id of the last row of the page before."""
+        async with self._r.execute(
+            "SELECT * FROM runtime_versions WHERE (?1 IS NULL OR provider_id = ?1)"
+            " AND (?2 IS NULL OR (released_at, id) < (SELECT released_at, id"
+            " FROM runtime_versions WHERE id = ?2)) ORDER BY released_at DESC, id DESC"
+            " LIMIT ?3",
+            (provider_id, before, limit),
+        ) as cursor:
+            return [_version(row) for row in await cursor.fetchall()]
+
+    async def versions_for_canary(
+        self, released_before: datetime, *, limit: int
+    ) -> list[RuntimeVersionRecord]:
+        """Announced versions not yet handed to the canary, released before the time."""
+        async with self._r.execute(
+            "SELECT * FROM runtime_versions WHERE announced_at IS NOT NULL"
+            " AND handed_to_canary_at IS NULL AND baseline = 0 AND released_at <= ?"
+            " ORDER BY released_at, id LIMIT ?",
+            (isoformat(released_before), limit),
+        ) as cursor:
+            return [_version(row) for row in await cursor.fetchall()]
+
+    async def next_canary_eligible(self) -> datetime | None:
+        """The release time of the oldest version still waiting for the canary."""
+        value = await _scalar(
+            self._r,
+            "SELECT min(released_at) FROM runtime_versions"
+            " WHERE announced_at IS NOT NULL AND handed_to_canary_at IS NULL AND baseline = 0",
+        )
+        return parse_iso(value) if value else None
+
+    async def mark_handed_to_canary(self, version_id: str, at: datetime) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE runtime_versions SET handed_to_canary_at = ? WHERE id = ?",
+                (isoformat(at), version_id),
+            )
 
     async def add_build(self, build: BuildRecord, at: datetime) -> None:
         async with self._transaction() as db:
@@ -359,7 +431,8 @@ class SqliteStore:
             marks = ", ".join("?" * len(providers))
             async with db.execute(
                 f"SELECT provider_id, version FROM runtime_versions"  # noqa: S608
-                f" WHERE provider_id IN ({marks})",
+                f" WHERE provider_id IN ({marks}) AND announced_at IS NOT NULL"
+                " AND prerelease = 0",
                 tuple(providers),
             ) as cursor:
                 for row in await cursor.fetchall():
@@ -788,6 +861,76 @@ def _effect(row: sqlite3.Row) -> Effect:
 
 def _json_or_none(value: Mapping[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+async def _insert_event(
+    db: aiosqlite.Connection, type: str, data: Mapping[str, Any], at: datetime, keep: int
+) -> EventRecord:
+    payload = json.dumps(data, separators=(",", ":"), sort_keys=True)
+    cursor = await db.execute(
+        "INSERT INTO events (type, created_at, data) VALUES (?, ?, ?)",
+        (type, isoformat(at), payload),
+    )
+    event_id = cursor.lastrowid
+    assert event_id is not None
+    # Ids only grow, so everything at or below (newest - keep) is older than the newest
+    # `keep` rows; one indexed range delete, whatever the table's size.
+    await db.execute("DELETE FROM events WHERE id <= ?", (event_id - keep,))
+    return EventRecord(event_id, type, parse_iso(isoformat(at)), json.loads(payload))
+
+
+async def _insert_version(
+    db: aiosqlite.Connection, version: FoundVersion, at: datetime, *, announced: bool
+) -> sqlite3.Row | None:
+    async with db.execute(
+        "INSERT INTO runtime_versions (id, provider_id, version, released_at, source_url,"
+        " source, prerelease, announced_at, baseline, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (provider_id, version) DO NOTHING RETURNING *",
+        (
+            str(uuid.uuid4()),
+            version.provider_id,
+            version.version,
+            isoformat(version.released_at),
+            version.source_url,
+            version.source,
+            int(version.prerelease),
+            isoformat(at) if announced else None,
+            int(version.baseline),
+            isoformat(at),
+        ),
+    ) as cursor:
+        row: sqlite3.Row | None = await cursor.fetchone()
+    return row
+
+
+def _version(row: sqlite3.Row) -> RuntimeVersionRecord:
+    return RuntimeVersionRecord(
+        id=row["id"],
+        provider_id=row["provider_id"],
+        version=row["version"],
+        released_at=parse_iso(row["released_at"]),
+        source=row["source"],
+        source_url=row["source_url"],
+        prerelease=bool(row["prerelease"]),
+        canary_passed=bool(row["canary_passed"]),
+        canary_passed_at=_dt(row["canary_passed_at"]),
+        announced_at=_dt(row["announced_at"]),
+        handed_to_canary_at=_dt(row["handed_to_canary_at"]),
+        baseline=bool(row["baseline"]),
+        created_at=parse_iso(row["created_at"]),
+    )
+
+
+def _version_event(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "providerId": row["provider_id"],
+        "version": row["version"],
+        "releasedAt": row["released_at"],
+        "source": row["source"],
+        "sourceUrl": row["source_url"],
+        "prerelease": bool(row["prerelease"]),
+    }
 
 
 def _settle(waiting: Sequence[tuple[Delivery, asyncio.Future[bool]]], exc: Exception) -> None:

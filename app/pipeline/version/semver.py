@@ -28,6 +28,11 @@ class Version:
             for part in (match[4].split(".") if match[4] else ())
         )
 
+    @property
+    def canonical(self) -> str:
+        """The text without a leading "v": how a version is stored and compared."""
+        return self.text.removeprefix("v")
+
     def _key(self) -> tuple[object, ...]:
         # A release sorts above its pre-releases; build metadata never counts.
         return (self.core, not self.prerelease, self.prerelease)
@@ -45,13 +50,16 @@ class Version:
         return f"Version({self.text!r})"
 
 
-def newest(versions: Iterable[str]) -> str | None:
-    """The highest valid version; text that is not a version is ignored."""
+def newest(versions: Iterable[str], *, stable: bool = False) -> str | None:
+    """The highest valid version (``stable``: the highest that is not a prerelease);
+    text that is not a version is ignored."""
     best: Version | None = None
     for text in versions:
         try:
             candidate = Version(text)
         except ValueError:
+            continue
+        if stable and candidate.prerelease:
             continue
         if best is None or candidate > best:
             best = candidate
