@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import timedelta
 
@@ -127,3 +128,11 @@ async def test_status_says_whether_the_watcher_polls(
     api = await make(make_api, codex, polling=polling)
     _, status = await api.get("/status", token=await api.token("viewer"))
     assert status["versionWatcherActive"] is polling
+    if polling:  # one check right after start
+        for _ in range(200):
+            if codex.asked:
+                break
+            await asyncio.sleep(0.01)
+        assert codex.asked == 1
+    else:
+        assert codex.asked == 0

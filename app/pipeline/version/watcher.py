@@ -180,8 +180,10 @@ class VersionWatcher:
         Checks run one at a time, so two at once cannot both ask a source."""
         async with self._check_lock:
             report = CheckReport(self.clock.now())
-            for state in self._sources:
-                report.outcomes.append(await self._check_source(state))
+            # Sources are independent (each has its own state and upstream): asked
+            # together, a start with several providers is as quick as its slowest one.
+            outcomes = await asyncio.gather(*(self._check_source(s) for s in self._sources))
+            report.outcomes.extend(outcomes)
             return report
 
     async def _check_source(self, state: _SourceState) -> SourceOutcome:
