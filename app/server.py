@@ -26,7 +26,7 @@ from app.github.webhooks import WebhookContext, WebhookProcessor
 from app.logs import get_logger
 from app.pipeline import Component, UpdatePipeline
 from app.pipeline.version.sources import upstream_sources
-from app.pipeline.version.watcher import VersionWatcher
+from app.pipeline.version.watcher import Source, VersionWatcher
 from app.services import Services
 from app.store import InstanceLock, SqliteStore
 
@@ -83,19 +83,23 @@ def github_components(
     return components
 
 
-async def version_watcher(services: Services, session: aiohttp.ClientSession) -> VersionWatcher:
-    """The VersionWatcher with the sources the providers name. It has no canary to hand
-    versions to yet: with auto-canary on, announced versions wait in the store."""
+def version_watcher(services: Services, session: aiohttp.ClientSession) -> VersionWatcher:
+    """The VersionWatcher; it finds the sources the providers name when it starts. It has
+    no canary to hand versions to yet: with auto-canary on, announced versions wait."""
     settings = services.settings
-    sources = await upstream_sources(
-        settings, session, github=services.github, store=services.store
-    )
+
+    async def sources() -> list[Source]:
+        return await upstream_sources(
+            settings, session, github=services.github, store=services.store
+        )
+
     return VersionWatcher(
         services.store,
         services.bus,
         services.clock,
         [p.id for p in settings.providers],
-        sources,
+        [],
+        load_sources=sources,
         interval=settings.poll_interval,
         polling=settings.polling,
         auto_canary=settings.auto_canary,
@@ -145,7 +149,7 @@ async def serve(
             try:
                 own = github_components(services)
                 if settings.enabled:
-                    own.append(await version_watcher(services, upstream))
+                    own.append(version_watcher(services, upstream))
                 await start_pipeline(services, [*own, *components])
                 await _run_http(services, stop)
             finally:

@@ -124,6 +124,27 @@ async def test_a_new_release_is_announced_exactly_once(
     assert len(await events(store, "new_version_detected")) == 3
 
 
+async def test_old_releases_found_late_are_history_not_news(
+    make_watcher, source: ScriptedSource, store: SqliteStore, clock: ManualClock
+) -> None:
+    watcher = make_watcher(source)
+    await watcher.check()
+    # A backport to an older line, and old releases a source only now lists.
+    source.publish("0.1.1", START)
+    source.publish("0.0.9", START - timedelta(days=30))
+    source.publish("0.2.2", START)
+    clock.advance(INTERVAL * 2)
+
+    (outcome,) = (await watcher.check()).outcomes
+    assert outcome.new_versions == ("0.2.2",)  # newer than anything announced
+    history = {
+        r.version
+        for r in await store.list_versions(provider_id="codex", before=None, limit=20)
+        if r.baseline
+    }
+    assert {"0.1.1", "0.0.9"} <= history
+
+
 async def test_a_restart_announces_nothing_again(
     make_watcher, source: ScriptedSource, store: SqliteStore, clock: ManualClock
 ) -> None:

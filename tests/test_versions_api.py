@@ -136,3 +136,14 @@ async def test_status_says_whether_the_watcher_polls(
         assert codex.asked == 1
     else:
         assert codex.asked == 0
+
+
+async def test_auto_canary_without_a_canary_runner_keeps_the_service_ready(
+    make_api: MakeApi, codex: ScriptedSource
+) -> None:
+    api = await make(make_api, codex, auto_canary=True)
+    await api.post("/versions/check", token=await api.token("admin"))
+    response, body = await api.get("/ready")
+    assert response.status == 200, body
+    _, versions = await api.get("/versions?providerId=codex", token=await api.token("viewer"))
+    assert versions["items"][1]["canary"]["state"] == "waiting"

@@ -43,7 +43,7 @@ VERSION_SCHEMA: dict[str, Any] = {
         "canaryPassedAt": _DATE_OR_NULL,
         "source": {
             "enum": ["npm", "github", "heartbeat"],
-            "description": "Where the version was first seen.",
+            "description": "The source that announced it; heartbeat while only runners report it.",
         },
         "prerelease": {"type": "boolean", "description": "A beta candidate."},
         "announced": {

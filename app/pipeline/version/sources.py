@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
 
 import aiohttp
 
@@ -11,7 +15,7 @@ from app.github.app import GitHubApp
 from app.logs import get_logger
 from app.pipeline.version import npm
 from app.pipeline.version.github_releases import GitHubReleasesSource
-from app.pipeline.version.npmrc import resolve_registry
+from app.pipeline.version.npmrc import NPM_TIMEOUT, CommandRunner, resolve_registry, run_command
 from app.pipeline.version.watcher import Release, Source, SourceError
 from app.store import Store
 
@@ -40,6 +44,21 @@ class NpmVersions:
         ]
 
 
+def _once(run: CommandRunner) -> CommandRunner:
+    """``npm config get registry`` answers the same for every package: ask it once."""
+    answers: dict[tuple[str, ...], str | None] = {}
+    lock = threading.Lock()
+
+    def cached(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> str | None:
+        key = (*argv, str(cwd))
+        with lock:
+            if key not in answers:
+                answers[key] = run(argv, env, cwd)
+            return answers[key]
+
+    return cached
+
+
 async def upstream_sources(
     settings: Settings,
     session: aiohttp.ClientSession,
@@ -51,9 +70,10 @@ async def upstream_sources(
     from npm's configuration is left out with a warning; so is a GitHub source while the
     App is not configured."""
     sources: list[Source] = []
+    run = _once(partial(run_command, timeout=NPM_TIMEOUT))
     for provider in settings.providers:
         if provider.npm_package is not None:
-            registry = await asyncio.to_thread(resolve_registry, provider.npm_package)
+            registry = await asyncio.to_thread(resolve_registry, provider.npm_package, run=run)
             if registry is None:
                 log.warning(
                     "no npm registry is configured for %s (npm_config_registry, .npmrc or"

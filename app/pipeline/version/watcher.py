@@ -3,9 +3,11 @@
 Sources (the npm registry, GitHub releases) are asked at most once per poll interval
 each, whoever triggers the check, with an exponential back-off after failures. What they
 report is recorded once per (provider, version); the store writes the row and its
-``new_version_detected`` event in one transaction. The first check of a provider records
-its history quietly (no event, no canary), so a first start does not announce hundreds of
-old releases. With auto-canary on, announced versions are handed to the canary once they
+``new_version_detected`` event in one transaction. Only versions newer than every version
+already announced for the provider are announced; older ones found later (a provider's
+history on its first check, old releases a newly added source lists) are recorded
+quietly as history, with no event and no canary, so a first start does not announce
+hundreds of old releases. With auto-canary on, announced versions are handed to the canary once they
 are older than the minimum release age.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -116,6 +118,7 @@ class VersionWatcher:
         providers: Sequence[str],
         sources: Sequence[Source],
         *,
+        load_sources: Callable[[], Awaitable[Sequence[Source]]] | None = None,
         interval: timedelta,
         polling: bool,
         auto_canary: bool = False,
@@ -134,6 +137,9 @@ class VersionWatcher:
         self.canary = canary
         self.rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
         self._sources = [_SourceState(source) for source in sources]
+        # Sources that take I/O to find (npm's configuration) are found at start, where
+        # a failure is the pipeline's start failing, not the service's.
+        self._load_sources = load_sources
         self._check_lock = asyncio.Lock()
         # (provider, version) -> announced by a source (False: only runners reported it).
         # Kept in memory so that the heartbeat path writes only for what is new.
@@ -145,12 +151,20 @@ class VersionWatcher:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self, pipeline: UpdatePipeline) -> None:
+        if self._load_sources is not None:
+            self._sources += [_SourceState(s) for s in await self._load_sources()]
+            self._load_sources = None
         await self._load()
         if self.polling:
             if not self._sources:
                 log.warning("polling is on but no version source is available")
             self._poll_task = pipeline.spawn("version-poll", self._poll())
-        if self.auto_canary:
+        if self.auto_canary and self.canary is None:
+            log.warning(
+                "UPDATE_PIPELINE_AUTO_CANARY is on but no canary runner is available;"
+                " new versions wait until one is"
+            )
+        elif self.auto_canary:
             pipeline.spawn("version-canary-handoff", self._handoff())
 
     async def stop(self) -> None:
@@ -276,11 +290,25 @@ class VersionWatcher:
         )
         if not fresh:
             return []
-        # The first answer for a provider is its history: only the newest stable
-        # release (and a newer prerelease) are announced as new.
-        first = not any(announced and p == provider for (p, _), announced in known.items())
-        announced = _newest_per_track(fresh) if first else {r.version for r in fresh}
-        # Oldest first, so several new versions are announced in version order.
+        # News is what is newer than what was announced before on its track: a stable
+        # release beyond the newest stable one, a prerelease beyond everything. A
+        # provider's first answer announces its newest stable release (and a newer
+        # prerelease); a backport, or old releases a source lists late, are history.
+        before = [Version(v) for (p, v), announced in known.items() if announced and p == provider]
+        if before:
+            stable = max((v for v in before if not v.prerelease), default=None)
+            newest_any = max(before)
+            announced = {
+                r.version
+                for r in fresh
+                if (
+                    Version(r.version) > newest_any
+                    if r.prerelease
+                    else stable is None or Version(r.version) > stable
+                )
+            }
+        else:
+            announced = _newest_per_track(fresh)
         found = [
             FoundVersion(
                 provider,
@@ -302,10 +330,8 @@ class VersionWatcher:
         new = [str(e.data["version"]) for e in events]
         for version in new:
             log.info("new %s version %s (from %s)", provider, version, source.kind)
-        if first and len(fresh) > len(new):
-            log.info(
-                "recorded %d earlier %s version(s) as history", len(fresh) - len(new), provider
-            )
+        if len(fresh) > len(new):
+            log.info("recorded %d older %s version(s) as history", len(fresh) - len(new), provider)
         if events:
             self._handoff_wake.set()
         return new
@@ -365,12 +391,6 @@ class VersionWatcher:
     # -- handing versions to the canary ---------------------------------------------------
 
     async def _handoff(self) -> None:
-        if self.canary is None:
-            log.warning(
-                "UPDATE_PIPELINE_AUTO_CANARY is on but no canary runner is available;"
-                " new versions wait until one is"
-            )
-            return
         while True:
             self._handoff_wake.clear()
             await self.hand_over()
