@@ -44,6 +44,10 @@ class Access(enum.StrEnum):
     RUNNER = "runner"
     # GitHub's deliveries: no bearer token; the handler checks the HMAC signature itself.
     GITHUB_SIGNATURE = "github-signature"
+    # An admin token, or a GitHub Actions OIDC token of the workflow the route trusts:
+    # the route wrapper checks API tokens, the handler checks an OIDC token itself
+    # (what it must prove depends on the resource).
+    ADMIN_OR_WORKFLOW = "admin-or-workflow"
 
     def allows(self, role: Role) -> bool:
         if self in (Access.PUBLIC, Access.GITHUB_SIGNATURE) or role is Role.ADMIN:

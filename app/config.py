@@ -133,6 +133,13 @@ class Settings:
     providers: tuple[Provider, ...] = BUILTIN_PROVIDERS
     min_release_age: timedelta = timedelta(0)
     package_page_url: str | None = None  # template with {package} and {version}
+    runner_repo: str | None = None  # owner/name of the runner repository
+    canary_workflow: str = "canary.yml"
+    canary_timeout: timedelta = timedelta(minutes=60)
+    canary_min_pass_rate: float = 0.95
+    canary_max_disconnect_rate: float = 0.05
+    oidc_issuer: str = "https://token.actions.githubusercontent.com"
+    oidc_audience: str = "update-pipeline"
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -215,6 +222,21 @@ class _Reader:
             package_page_url=self.get(
                 "UPDATE_PIPELINE_PACKAGE_PAGE_URL", _page_template, d.package_page_url
             ),
+            runner_repo=self.get("UPDATE_PIPELINE_RUNNER_REPO", _repo_name, d.runner_repo),
+            canary_workflow=self.get(
+                "UPDATE_PIPELINE_CANARY_WORKFLOW", _workflow_file, d.canary_workflow
+            ),
+            canary_timeout=self.get(
+                "UPDATE_PIPELINE_CANARY_TIMEOUT", _positive_duration, d.canary_timeout
+            ),
+            canary_min_pass_rate=self.get(
+                "UPDATE_PIPELINE_CANARY_MIN_PASS_RATE", _rate, d.canary_min_pass_rate
+            ),
+            canary_max_disconnect_rate=self.get(
+                "UPDATE_PIPELINE_CANARY_MAX_DISCONNECT_RATE", _rate, d.canary_max_disconnect_rate
+            ),
+            oidc_issuer=self.get("UPDATE_PIPELINE_OIDC_ISSUER", _issuer, d.oidc_issuer),
+            oidc_audience=self.get("UPDATE_PIPELINE_OIDC_AUDIENCE", _audience, d.oidc_audience),
         )
         if (values.github_app_id is None) != (values.github_private_key is None) and not any(
             p.startswith("GITHUB_PRIVATE_KEY") for p in self.problems
@@ -275,6 +297,52 @@ def _positive_duration(text: str, bare_unit: str | None = None) -> timedelta:
     return value
 
 
+_REPO = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}$")
+_WORKFLOW = re.compile(r"^(?:\.github/workflows/)?[A-Za-z0-9._-]+\.ya?ml$")
+
+
+def _repo_name(text: str) -> str:
+    name = text.strip()
+    if not _REPO.match(name) or name.endswith(("/.", "/..")):
+        raise ValueError(f"{text!r} is not a repository as owner/name")
+    return name
+
+
+def _workflow_file(text: str) -> str:
+    name = text.strip()
+    if not _WORKFLOW.match(name):
+        raise ValueError(f"{text!r} is not a workflow file name such as canary.yml")
+    return name.removeprefix(".github/workflows/")
+
+
+def _issuer(text: str) -> str:
+    # Imported here: the verifier's module is not needed to read settings otherwise.
+    from app.github.oidc import issuer_problem
+
+    url = _base_url(text)
+    problem = issuer_problem(url)
+    if problem is not None:
+        raise ValueError(f"{text!r}: {problem}")
+    return url
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number between 0 and 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{text!r} is not a number between 0 and 1")
+    return value
+
+
+def _audience(text: str) -> str:
+    value = text.strip()
+    if not value or len(value) > 200 or any(c.isspace() for c in value):
+        raise ValueError(f"{text!r} is not an audience (1 to 200 characters, no spaces)")
+    return value
+
+
 def _duration(text: str) -> timedelta:
     return parse_duration(text)
 
@@ -282,6 +350,8 @@ def _duration(text: str) -> timedelta:
 def _page_template(text: str) -> str:
     """A URL template with only {package} and {version} in it."""
     template = text.strip()
+    if "{{" in template or "}}" in template:
+        raise ValueError(f"{text!r}: braces may only enclose {{package}} or {{version}}")
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
         template.format(package="p", version="1.0.0")

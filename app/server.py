@@ -20,11 +20,13 @@ from app.github import commands, installations
 from app.github.app import GitHubApp
 from app.github.commands import CommandRegistry, PermissionCache
 from app.github.installations import InstallationRegistry, InstallationSync
+from app.github.oidc import OidcVerifier
 from app.github.outbox import OutboxWorker
 from app.github.redelivery import MissedDeliveries, MissedDeliverySweep
 from app.github.webhooks import WebhookContext, WebhookProcessor
 from app.logs import get_logger
 from app.pipeline import Component, UpdatePipeline
+from app.pipeline.canary.service import CanaryTimeouts
 from app.pipeline.version.sources import upstream_sources
 from app.pipeline.version.watcher import Source, VersionWatcher
 from app.services import Services
@@ -144,12 +146,14 @@ async def serve(
         try:
             services = Services.build(settings, store, clock or Clock())
             services.github = GitHubApp.from_settings(settings, services.clock)
-            # Upstream registries get a session of their own, apart from GitHub's.
+            # Upstream registries and the OIDC issuer share a session, apart from GitHub's.
             upstream = aiohttp.ClientSession()
+            services.oidc = OidcVerifier(settings.oidc_issuer, upstream, services.clock)
             try:
                 own = github_components(services)
                 if settings.enabled:
                     own.append(version_watcher(services, upstream))
+                    own.append(CanaryTimeouts(services.canary))
                 await start_pipeline(services, [*own, *components])
                 await _run_http(services, stop)
             finally:

@@ -8,9 +8,11 @@ from app.auth import TokenService
 from app.clock import Clock
 from app.config import Settings
 from app.github.app import NOT_CONFIGURED, GitHubApp
+from app.github.oidc import OidcVerifier
 from app.github.outbox import Outbox
 from app.github.webhooks import Deliveries
 from app.pipeline import UpdatePipeline
+from app.pipeline.canary.service import CanaryService
 from app.pipeline.events import EventBus
 from app.store import Store
 
@@ -24,8 +26,11 @@ class Services:
     tokens: TokenService
     deliveries: Deliveries
     outbox: Outbox
+    canary: CanaryService
     pipeline: UpdatePipeline | None = None
     github: GitHubApp | None = None
+    # Verifies GitHub Actions OIDC tokens (canary results); set by serve.
+    oidc: OidcVerifier | None = None
     # Why an enabled pipeline is not running (its start failed), for /ready and /status.
     pipeline_error: str | None = None
     sse_keepalive_seconds: float = 15.0
@@ -45,4 +50,5 @@ class Services:
             TokenService(store, clock, bus),
             Deliveries(store, clock),
             Outbox(store, clock),
+            CanaryService(store, bus, clock, settings),
         )

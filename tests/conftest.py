@@ -24,6 +24,7 @@ from app.clock import ManualClock
 from app.config import Settings
 from app.github.app import GitHubApp
 from app.github.commands import CommandRegistry
+from app.github.oidc import OidcVerifier
 from app.pipeline import Component
 from app.server import create_app, github_components, start_pipeline
 from app.services import Services
@@ -189,6 +190,7 @@ async def make_api(
 ) -> AsyncIterator[MakeApi]:
     """Build the app on a real test server; the pipeline starts when settings enable it."""
     opened: list[tuple[SqliteStore, Services, TestClient]] = []
+    sessions: list[aiohttp.ClientSession] = []
 
     async def make(
         *,
@@ -197,6 +199,7 @@ async def make_api(
         with_github: bool = False,
         commands: CommandRegistry | None = None,
         build: Callable[[Services], Sequence[Component]] | None = None,
+        oidc_issuer: str | None = None,
     ) -> Api:
         active = settings_override or settings
         store = await SqliteStore.open(active.db_path)
@@ -206,6 +209,10 @@ async def make_api(
             # Pacing and back-off sleeps return at once (and are recorded).
             services.github = GitHubApp.from_settings(active, clock, sleep=github_sleep)
             components = [*github_components(services, commands), *components]
+        if oidc_issuer is not None:
+            session = aiohttp.ClientSession()
+            sessions.append(session)
+            services.oidc = OidcVerifier(oidc_issuer, session, clock)
         if build is not None:  # components that need the services
             components = [*components, *build(services)]
         await start_pipeline(services, components)
@@ -222,6 +229,8 @@ async def make_api(
         if services.github is not None:
             await services.github.close()
         await store.close()
+    for session in sessions:
+        await session.close()
 
 
 @pytest.fixture

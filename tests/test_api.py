@@ -250,6 +250,9 @@ async def test_protected_operations_declare_bearer_auth_and_their_role(api: Api)
         elif route.access is Access.PUBLIC:
             assert operation["security"] == []
             assert "401" not in operation["responses"]
+        elif route.access is Access.ADMIN_OR_WORKFLOW:
+            assert operation["security"] == [{"bearerToken": []}, {"githubActionsOidc": []}]
+            assert {"401", "403"} <= set(operation["responses"])
         else:
             assert operation["security"] == [{"bearerToken": []}]
             assert {"401", "403"} <= set(operation["responses"])

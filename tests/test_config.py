@@ -537,3 +537,41 @@ def test_a_providers_file_adds_providers_and_its_problems_name_variable_and_line
     bad.write_text('[providers.aider]\nnmp = "typo"\n')
     (problem,) = config_error({"UPDATE_PIPELINE_PROVIDERS_FILE": str(bad)}).problems
     assert problem.startswith(f"UPDATE_PIPELINE_PROVIDERS_FILE: {bad}:2: ")
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("UPDATE_PIPELINE_OIDC_ISSUER", "http://issuer.example.com"),
+        ("UPDATE_PIPELINE_RUNNER_REPO", "not a repo"),
+        ("UPDATE_PIPELINE_CANARY_WORKFLOW", "canary"),
+        ("UPDATE_PIPELINE_CANARY_MIN_PASS_RATE", "1.5"),
+        ("UPDATE_PIPELINE_CANARY_MAX_DISCONNECT_RATE", "nan"),
+        ("UPDATE_PIPELINE_CANARY_TIMEOUT", "0s"),
+        ("UPDATE_PIPELINE_OIDC_AUDIENCE", "two words"),
+    ],
+)
+def test_canary_settings_are_checked_at_start(variable: str, raw: str) -> None:
+    (problem,) = config_error({variable: raw}).problems
+    assert problem.startswith(f"{variable}: ")
+
+
+def test_canary_settings_are_read() -> None:
+    settings = Settings.from_env(
+        {
+            "UPDATE_PIPELINE_RUNNER_REPO": "acme/runners",
+            "UPDATE_PIPELINE_CANARY_WORKFLOW": ".github/workflows/canary.yaml",
+            "UPDATE_PIPELINE_CANARY_TIMEOUT": "90m",
+            "UPDATE_PIPELINE_CANARY_MIN_PASS_RATE": "0.9",
+            "UPDATE_PIPELINE_CANARY_MAX_DISCONNECT_RATE": "0.1",
+            "UPDATE_PIPELINE_OIDC_ISSUER": "http://127.0.0.1:9999",
+            "UPDATE_PIPELINE_OIDC_AUDIENCE": "pipeline-prod",
+        }
+    )
+    assert (settings.runner_repo, settings.canary_workflow) == ("acme/runners", "canary.yaml")
+    assert settings.canary_timeout == timedelta(minutes=90)
+    assert (settings.canary_min_pass_rate, settings.canary_max_disconnect_rate) == (0.9, 0.1)
+    assert (settings.oidc_issuer, settings.oidc_audience) == (
+        "http://127.0.0.1:9999",
+        "pipeline-prod",
+    )

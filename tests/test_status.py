@@ -87,14 +87,15 @@ async def test_status_counts_what_the_store_holds(api: Api, db_path):
         )
     await store.set_recommended_build("stable", "build-aaa", at)
     await store.set_recommended_build("stable", "build-bbb", at)
-    # Canary runs and sweeps have no writer yet (later features add them): write rows directly.
+    # Rows in every state, written directly (sweeps have no writer yet).
     with sqlite3.connect(db_path) as db:
         db.executemany(
-            "INSERT INTO canary_runs (id, build_id, state, created_at) VALUES (?, ?, ?, 'x')",
+            "INSERT INTO canary_runs (id, build_id, state, attempt, created_at)"
+            " VALUES (?, ?, ?, ?, 'x')",
             [
-                ("c1", "build-aaa", "running"),
-                ("c2", "build-bbb", "pending"),
-                ("c3", "build-aaa", "passed"),
+                ("c1", "build-aaa", "running", 2),
+                ("c2", "build-bbb", "pending", 1),
+                ("c3", "build-aaa", "passed", 1),
             ],
         )
         db.executemany(

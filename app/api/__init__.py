@@ -1,6 +1,6 @@
 """The HTTP API: thin handlers over the pipeline, one module per resource."""
 
-from app.api import diagnostics, events, system, tokens, versions, webhooks
+from app.api import builds, canary, diagnostics, events, system, tokens, versions, webhooks
 from app.api.routing import RouteTable
 
 
@@ -13,4 +13,6 @@ def build_route_table() -> RouteTable:
     table.extend(webhooks.ROUTES)
     table.extend(diagnostics.ROUTES)
     table.extend(versions.ROUTES)
+    table.extend(builds.ROUTES)
+    table.extend(canary.ROUTES)
     return table

@@ -36,6 +36,13 @@ def build_openapi(table: RouteTable) -> dict[str, Any]:
                     "description": "An API token from `update-pipeline token create` or "
                     "`POST /api/update-pipeline/tokens`.",
                 },
+                "githubActionsOidc": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "A GitHub Actions OIDC token of the trusted workflow "
+                    "(see action.yml), for the routes that also take one.",
+                },
                 "githubSignature": {
                     "type": "apiKey",
                     "in": "header",
@@ -59,6 +66,8 @@ def _operation(route: Route) -> dict[str, Any]:
         operation["description"] = route.description
     if route.access is Access.GITHUB_SIGNATURE:
         operation["security"] = [{"githubSignature": []}]
+    elif route.access is Access.ADMIN_OR_WORKFLOW:
+        operation["security"] = [{"bearerToken": []}, {"githubActionsOidc": []}]
     else:
         operation["security"] = [{"bearerToken": []}] if route.bearer else []
     parameters = [

@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 from app.api.errors import ApiError
-from app.auth import Access, AuthError, Principal
+from app.auth import TOKEN_PREFIX, Access, AuthError, Principal
 from app.services import Services
 
 PREFIX = "/api/update-pipeline"
@@ -42,6 +42,9 @@ class Call:
     path: dict[str, str]
     query: dict[str, Any]
     body: Any
+    # ADMIN_OR_WORKFLOW routes: the bearer credential when it is not an API token (an
+    # OIDC token for the handler to verify); principal is None then.
+    workflow_token: str | None = None
 
 
 Handler = Callable[[Call], Awaitable[web.StreamResponse]]
@@ -127,35 +130,51 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
     async def endpoint(request: web.Request) -> web.StreamResponse:
         services = request.app[SERVICES]
         principal = None
-        if route.bearer:
+        workflow_token = None
+        if route.access is Access.ADMIN_OR_WORKFLOW:
+            bearer = _bearer(request)
+            if bearer.startswith(TOKEN_PREFIX):
+                principal = await _authenticate(request, services)
+            else:
+                workflow_token = bearer
+        elif route.bearer:
             principal = await _authenticate(request, services)
-            if not route.access.allows(principal.role):
-                raise ApiError(
-                    403,
-                    "FORBIDDEN",
-                    f"a {principal.role.value} token may not call {route.method} {route.path}",
-                )
+        if principal is not None and not route.access.allows(principal.role):
+            raise ApiError(
+                403,
+                "FORBIDDEN",
+                f"a {principal.role.value} token may not call {route.method} {route.path}",
+            )
         query = _parse_query(route, request, query_validators)
         body = None
         if body_validator is not None:
             body = await read_json(request, services.settings.max_body_bytes)
             _validate(body_validator, body, "body")
-        call = Call(request, services, principal, dict(request.match_info), query, body)
+        call = Call(
+            request, services, principal, dict(request.match_info), query, body, workflow_token
+        )
         return await route.handler(call)
 
     endpoint.__name__ = route.operation_id
     return endpoint
 
 
-async def _authenticate(request: web.Request, services: Services) -> Principal:
-    challenge = {"WWW-Authenticate": 'Bearer realm="update-pipeline"'}
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="update-pipeline"'}
+
+
+def _bearer(request: web.Request) -> str:
     match = _BEARER.match(request.headers.get("Authorization", ""))
     if not match:
-        raise ApiError(401, "UNAUTHORIZED", "missing bearer token", headers=challenge)
+        raise ApiError(401, "UNAUTHORIZED", "missing bearer token", headers=CHALLENGE)
+    return match[1]
+
+
+async def _authenticate(request: web.Request, services: Services) -> Principal:
+    token = _bearer(request)
     try:
-        return await services.tokens.authenticate(match[1])
+        return await services.tokens.authenticate(token)
     except AuthError as exc:
-        raise ApiError(401, "UNAUTHORIZED", str(exc), headers=challenge) from None
+        raise ApiError(401, "UNAUTHORIZED", str(exc), headers=CHALLENGE) from None
 
 
 async def read_body(request: web.Request, limit: int, *, what: str = "request body") -> bytes:

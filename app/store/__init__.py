@@ -2,6 +2,9 @@
 
 from app.store.base import (
     BuildRecord,
+    CanaryOutcome,
+    CanaryRun,
+    ChannelRecord,
     Conflict,
     Delivery,
     Effect,
@@ -24,6 +27,9 @@ from app.store.sqlite import SqliteStore
 
 __all__ = [
     "BuildRecord",
+    "CanaryOutcome",
+    "CanaryRun",
+    "ChannelRecord",
     "Conflict",
     "Delivery",
     "Effect",

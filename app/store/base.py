@@ -86,11 +86,53 @@ class RuntimeVersionRecord:
 
 @dataclass(frozen=True, slots=True)
 class BuildRecord:
+    """Design section 5.2's RunnerBuild, with the commit it was built from."""
+
     build_id: str
     runner_version: str
     built_at: datetime
     runtime_versions: Mapping[str, str] = field(default_factory=dict)
     known_good_for: Sequence[str] = ()
+    repository: str | None = None
+    commit_sha: str | None = None
+    created_at: datetime | None = None  # set by the store
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryRun:
+    id: str
+    build_id: str
+    attempt: int
+    state: str  # pending, running, passed, failed, errored
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    deadline_at: datetime | None
+    metrics: Mapping[str, Any] | None
+    error: str | None
+    workflow_run_id: str | None
+    reported_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryOutcome:
+    """What a finished canary run writes, all in one transaction."""
+
+    state: str
+    metrics: Mapping[str, Any] | None
+    results: Sequence[Mapping[str, Any]] | None
+    known_good_for: Sequence[str]
+    error: str | None = None
+    reported_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRecord:
+    channel: str
+    build_id: str
+    updated_at: datetime
+    reason: str | None
+    set_by: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +271,29 @@ class Store(Protocol):
     async def next_canary_eligible(self) -> datetime | None: ...
     async def mark_handed_to_canary(self, version_id: str, at: datetime) -> None: ...
     async def add_build(self, build: BuildRecord, at: datetime) -> None: ...
+    async def register_build(
+        self, build: BuildRecord, at: datetime, *, deadline_at: datetime, keep_events: int
+    ) -> tuple[BuildRecord, CanaryRun, list[EventRecord]]: ...
+    async def get_build(self, build_id: str) -> BuildRecord | None: ...
+    async def list_builds(self, *, before: str | None, limit: int) -> list[BuildRecord]: ...
+    async def latest_canary_run(self, build_id: str) -> CanaryRun | None: ...
+    async def list_canary_runs(self, build_id: str) -> list[CanaryRun]: ...
+    async def finish_canary(
+        self, run_id: str, outcome: CanaryOutcome, at: datetime, *, keep_events: int
+    ) -> tuple[CanaryRun, list[EventRecord]] | None: ...
+    async def expired_canaries(self, now: datetime, *, limit: int) -> list[CanaryRun]: ...
+    async def next_canary_deadline(self) -> datetime | None: ...
+    async def set_channel(
+        self,
+        channel: str,
+        build_id: str,
+        at: datetime,
+        *,
+        reason: str,
+        set_by: str,
+        keep_events: int,
+    ) -> tuple[ChannelRecord, list[EventRecord]]: ...
+    async def list_channels(self) -> list[ChannelRecord]: ...
     async def add_rollout(self, rollout: RolloutRecord, at: datetime) -> None: ...
     async def set_recommended_build(self, channel: str, build_id: str, at: datetime) -> None: ...
     async def status_counts(self, providers: Sequence[str]) -> StatusCounts: ...
@@ -248,6 +313,7 @@ class Store(Protocol):
     async def remove_repositories(self, installation_id: int, repo_ids: Sequence[int]) -> None: ...
     async def list_installations(self) -> list[Installation]: ...
     async def installation_for_repository(self, full_name: str) -> Installation | None: ...
+    async def repository_id(self, full_name: str) -> int | None: ...
 
     # Webhook deliveries
     async def add_delivery(self, delivery: Delivery) -> bool: ...

@@ -232,4 +232,34 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        6,
+        "canary runs and channels",
+        """
+        -- Where a build was made from (a commit of the runner repository, when known).
+        ALTER TABLE runner_builds ADD COLUMN repository TEXT;
+        ALTER TABLE runner_builds ADD COLUMN commit_sha TEXT;
+        CREATE INDEX runner_builds_listed ON runner_builds (created_at, build_id);
+
+        -- A build's canary runs (attempt 1, then re-runs): the deadline for results,
+        -- which survives restarts; the metrics, per provider too; the posted results.
+        ALTER TABLE canary_runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE canary_runs ADD COLUMN deadline_at TEXT;
+        ALTER TABLE canary_runs ADD COLUMN metrics TEXT;
+        ALTER TABLE canary_runs ADD COLUMN results TEXT;
+        ALTER TABLE canary_runs ADD COLUMN error TEXT;
+        ALTER TABLE canary_runs ADD COLUMN workflow_run_id TEXT;
+        ALTER TABLE canary_runs ADD COLUMN reported_by TEXT;
+        CREATE UNIQUE INDEX canary_runs_attempt ON canary_runs (build_id, attempt);
+        CREATE INDEX canary_runs_deadline ON canary_runs (deadline_at)
+            WHERE state IN ('pending', 'running');
+
+        -- Why a channel recommends its build, and who (or which rollout) said so.
+        ALTER TABLE recommended_builds ADD COLUMN reason TEXT;
+        ALTER TABLE recommended_builds ADD COLUMN set_by TEXT;
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

@@ -18,6 +18,9 @@ from app.clock import isoformat, parse_iso
 from app.logs import get_logger
 from app.store.base import (
     BuildRecord,
+    CanaryOutcome,
+    CanaryRun,
+    ChannelRecord,
     Conflict,
     Delivery,
     Effect,
@@ -367,22 +370,191 @@ class SqliteStore:
 
     async def add_build(self, build: BuildRecord, at: datetime) -> None:
         async with self._transaction() as db:
-            try:
+            await _insert_build(db, build, at)
+
+    async def register_build(
+        self, build: BuildRecord, at: datetime, *, deadline_at: datetime, keep_events: int
+    ) -> tuple[BuildRecord, CanaryRun, list[EventRecord]]:
+        """A new build and its first canary run (pending, due by ``deadline_at``), with the
+        ``canary_started`` event, in one transaction; Conflict when the id is taken."""
+        async with self._transaction() as db:
+            stored = await _insert_build(db, build, at)
+            run_id = str(uuid.uuid4())
+            async with db.execute(
+                "INSERT INTO canary_runs (id, build_id, state, attempt, deadline_at, created_at)"
+                " VALUES (?, ?, 'pending', 1, ?, ?) RETURNING *",
+                (run_id, build.build_id, isoformat(deadline_at), isoformat(at)),
+            ) as cursor:
+                row = await cursor.fetchone()
+            assert row is not None
+            run = _canary_run(row)
+            event = await _insert_event(
+                db,
+                "canary_started",
+                {
+                    "buildId": build.build_id,
+                    "runId": run_id,
+                    "attempt": 1,
+                    "runtimeVersions": dict(build.runtime_versions),
+                },
+                at,
+                keep_events,
+            )
+        return stored, run, [event]
+
+    async def get_build(self, build_id: str) -> BuildRecord | None:
+        async with self._r.execute(
+            "SELECT * FROM runner_builds WHERE build_id = ?", (build_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _build(row) if row else None
+
+    async def list_builds(self, *, before: str | None, limit: int) -> list[BuildRecord]:
+        """Newest first; ``before`` is the build id ending the previous page."""
+        async with self._r.execute(
+            "SELECT * FROM runner_builds WHERE ?1 IS NULL OR (created_at, build_id) <"
+            " (SELECT created_at, build_id FROM runner_builds WHERE build_id = ?1)"
+            " ORDER BY created_at DESC, build_id DESC LIMIT ?2",
+            (before, limit),
+        ) as cursor:
+            return [_build(row) for row in await cursor.fetchall()]
+
+    async def list_canary_runs(self, build_id: str) -> list[CanaryRun]:
+        async with self._r.execute(
+            "SELECT * FROM canary_runs WHERE build_id = ? ORDER BY attempt", (build_id,)
+        ) as cursor:
+            return [_canary_run(row) for row in await cursor.fetchall()]
+
+    async def latest_canary_run(self, build_id: str) -> CanaryRun | None:
+        async with self._r.execute(
+            "SELECT * FROM canary_runs WHERE build_id = ? ORDER BY attempt DESC LIMIT 1",
+            (build_id,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _canary_run(row) if row else None
+
+    async def finish_canary(
+        self, run_id: str, outcome: CanaryOutcome, at: datetime, *, keep_events: int
+    ) -> tuple[CanaryRun, list[EventRecord]] | None:
+        """Conclude a run that is still pending or running; None when it is not (a second
+        report, or a report racing the timeout, loses cleanly). A pass marks the build
+        known-good for its passing providers and their runtime versions canary-passed."""
+        async with self._transaction() as db:
+            async with db.execute(
+                "UPDATE canary_runs SET state = ?, completed_at = ?,"
+                " started_at = coalesce(started_at, ?), metrics = ?, results = ?, error = ?,"
+                " reported_by = ? WHERE id = ? AND state IN ('pending', 'running') RETURNING *",
+                (
+                    outcome.state,
+                    isoformat(at),
+                    isoformat(at),
+                    _json_or_none(outcome.metrics),
+                    None if outcome.results is None else json.dumps(list(outcome.results)),
+                    outcome.error,
+                    outcome.reported_by,
+                    run_id,
+                ),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return None
+            run = _canary_run(row)
+            build = await _build_in(db, run.build_id)
+            good = sorted(set(build.known_good_for) | set(outcome.known_good_for))
+            await db.execute(
+                "UPDATE runner_builds SET known_good_for = ? WHERE build_id = ?",
+                (json.dumps(good), run.build_id),
+            )
+            for provider in outcome.known_good_for:
+                version = build.runtime_versions.get(provider)
+                if version is None:
+                    continue
                 await db.execute(
-                    "INSERT INTO runner_builds (id, build_id, runner_version, built_at,"
-                    " runtime_versions, known_good_for, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        str(uuid.uuid4()),
-                        build.build_id,
-                        build.runner_version,
-                        isoformat(build.built_at),
-                        json.dumps(dict(build.runtime_versions), sort_keys=True),
-                        json.dumps(list(build.known_good_for)),
-                        isoformat(at),
-                    ),
+                    "UPDATE runtime_versions SET canary_passed = 1,"
+                    " canary_passed_at = coalesce(canary_passed_at, ?)"
+                    " WHERE provider_id = ? AND version = ?",
+                    (isoformat(at), provider, version),
                 )
-            except sqlite3.IntegrityError:
-                raise Conflict(f"build {build.build_id!r} already exists", build.build_id) from None
+            event = await _insert_event(
+                db,
+                "canary_completed",
+                {
+                    "buildId": run.build_id,
+                    "runId": run.id,
+                    "attempt": run.attempt,
+                    "status": outcome.state,
+                    "knownGoodFor": list(outcome.known_good_for),
+                    "error": outcome.error,
+                },
+                at,
+                keep_events,
+            )
+        return run, [event]
+
+    async def expired_canaries(self, now: datetime, *, limit: int) -> list[CanaryRun]:
+        async with self._r.execute(
+            "SELECT * FROM canary_runs WHERE state IN ('pending', 'running')"
+            " AND deadline_at <= ? ORDER BY deadline_at LIMIT ?",
+            (isoformat(now), limit),
+        ) as cursor:
+            return [_canary_run(row) for row in await cursor.fetchall()]
+
+    async def next_canary_deadline(self) -> datetime | None:
+        value = await _scalar(
+            self._r,
+            "SELECT min(deadline_at) FROM canary_runs WHERE state IN ('pending', 'running')",
+        )
+        return parse_iso(value) if value else None
+
+    async def set_channel(
+        self,
+        channel: str,
+        build_id: str,
+        at: datetime,
+        *,
+        reason: str,
+        set_by: str,
+        keep_events: int,
+    ) -> tuple[ChannelRecord, list[EventRecord]]:
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT build_id FROM recommended_builds WHERE channel = ?", (channel,)
+            ) as cursor:
+                before = await cursor.fetchone()
+            await db.execute(
+                "INSERT INTO recommended_builds (channel, build_id, updated_at, reason, set_by)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel) DO UPDATE SET"
+                " build_id = excluded.build_id, updated_at = excluded.updated_at,"
+                " reason = excluded.reason, set_by = excluded.set_by",
+                (channel, build_id, isoformat(at), reason, set_by),
+            )
+            event = await _insert_event(
+                db,
+                "channel_updated",
+                {
+                    "channel": channel,
+                    "buildId": build_id,
+                    "previousBuildId": before[0] if before else None,
+                    "reason": reason,
+                    "by": set_by,
+                },
+                at,
+                keep_events,
+            )
+        return ChannelRecord(channel, build_id, parse_iso(isoformat(at)), reason, set_by), [event]
+
+    async def list_channels(self) -> list[ChannelRecord]:
+        async with self._r.execute("SELECT * FROM recommended_builds ORDER BY channel") as cursor:
+            return [
+                ChannelRecord(
+                    row["channel"],
+                    row["build_id"],
+                    parse_iso(row["updated_at"]),
+                    row["reason"],
+                    row["set_by"],
+                )
+                for row in await cursor.fetchall()
+            ]
 
     async def add_rollout(self, rollout: RolloutRecord, at: datetime) -> None:
         async with self._transaction() as db:
@@ -509,6 +681,16 @@ class SqliteStore:
                     Repository(repo["repo_id"], repo["full_name"])
                 )
         return [_installation(row, repos.get(row["id"], [])) for row in rows]
+
+    async def repository_id(self, full_name: str) -> int | None:
+        """A repository's id, when an installation of the App covers it."""
+        value = await _scalar(
+            self._r,
+            "SELECT repo_id FROM installation_repositories WHERE full_name = ? COLLATE NOCASE"
+            " LIMIT 1",
+            (full_name,),
+        )
+        return int(value) if value is not None else None
 
     async def installation_for_repository(self, full_name: str) -> Installation | None:
         async with self._r.execute(
@@ -861,6 +1043,68 @@ def _effect(row: sqlite3.Row) -> Effect:
 
 def _json_or_none(value: Mapping[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+async def _insert_build(db: aiosqlite.Connection, build: BuildRecord, at: datetime) -> BuildRecord:
+    try:
+        async with db.execute(
+            "INSERT INTO runner_builds (id, build_id, runner_version, built_at,"
+            " runtime_versions, known_good_for, repository, commit_sha, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            (
+                str(uuid.uuid4()),
+                build.build_id,
+                build.runner_version,
+                isoformat(build.built_at),
+                json.dumps(dict(build.runtime_versions), sort_keys=True),
+                json.dumps(sorted(build.known_good_for)),
+                build.repository,
+                build.commit_sha,
+                isoformat(at),
+            ),
+        ) as cursor:
+            row = await cursor.fetchone()
+    except sqlite3.IntegrityError:
+        raise Conflict(f"build {build.build_id!r} already exists", build.build_id) from None
+    assert row is not None
+    return _build(row)
+
+
+async def _build_in(db: aiosqlite.Connection, build_id: str) -> BuildRecord:
+    async with db.execute("SELECT * FROM runner_builds WHERE build_id = ?", (build_id,)) as cur:
+        row = await cur.fetchone()
+    assert row is not None, build_id
+    return _build(row)
+
+
+def _build(row: sqlite3.Row) -> BuildRecord:
+    return BuildRecord(
+        build_id=row["build_id"],
+        runner_version=row["runner_version"],
+        built_at=parse_iso(row["built_at"]),
+        runtime_versions=json.loads(row["runtime_versions"]),
+        known_good_for=json.loads(row["known_good_for"]),
+        repository=row["repository"],
+        commit_sha=row["commit_sha"],
+        created_at=parse_iso(row["created_at"]),
+    )
+
+
+def _canary_run(row: sqlite3.Row) -> CanaryRun:
+    return CanaryRun(
+        id=row["id"],
+        build_id=row["build_id"],
+        attempt=row["attempt"],
+        state=row["state"],
+        created_at=parse_iso(row["created_at"]),
+        started_at=_dt(row["started_at"]),
+        completed_at=_dt(row["completed_at"]),
+        deadline_at=_dt(row["deadline_at"]),
+        metrics=json.loads(row["metrics"]) if row["metrics"] else None,
+        error=row["error"],
+        workflow_run_id=row["workflow_run_id"],
+        reported_by=row["reported_by"],
+    )
 
 
 async def _insert_event(

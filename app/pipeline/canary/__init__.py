@@ -1,0 +1,1 @@
+"""The canary: builds, their canary runs, results, metrics, judgement, known-good builds."""
