@@ -191,9 +191,22 @@ async def test_results_are_taken_once(api: Api, admin: str) -> None:
         api.post(path, token=admin, json={"results": suite("codex", 0, 20)}),
     )
     assert sorted([first[0].status, second[0].status]) == [200, 409]
-    response, body = await api.post(path, token=admin, json={"results": suite("codex", 20)})
+    response, body = await api.post(path, token=admin, json={"results": suite("codex", 0, 5)})
     assert response.status == 409
     assert "already" in body["error"]["message"]
+
+
+async def test_the_same_report_posted_again_gets_the_same_answer(api: Api, admin: str) -> None:
+    # A client that lost the first answer retries: it must not be told it failed.
+    await register(api, admin, codex="1.2.0")
+    path = "/canary/build-0123456789ab/results"
+    results = suite("codex", 19, 1, sessionStartMs=300)
+    first = await api.post(path, token=admin, json={"results": results})
+    again = await api.post(path, token=admin, json={"results": results})
+    assert first[0].status == again[0].status == 200
+    assert first[1] == again[1]
+    _, events = await api.get("/events?type=canary_completed", token=admin)
+    assert len(events["items"]) == 1
 
 
 async def test_results_for_an_unknown_build_are_404(api: Api, admin: str) -> None:

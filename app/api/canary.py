@@ -89,9 +89,9 @@ async def post_results(call: Call) -> web.StreamResponse:
         assert call.principal is not None
         reporter = f"token {call.principal.name}"
     try:
-        _, run = await services.canary.active_run(build_id)
+        _, run = await services.canary.build(build_id)
         # Once the dispatch is known, only that very run may report for the build.
-        if run_id is not None and run.workflow_run_id not in (None, run_id):
+        if run_id is not None and run is not None and run.workflow_run_id not in (None, run_id):
             raise ApiError(
                 401,
                 "UNAUTHORIZED",

@@ -419,6 +419,11 @@ class SqliteStore:
         ) as cursor:
             return [_build(row) for row in await cursor.fetchall()]
 
+    async def canary_results(self, run_id: str) -> list[dict[str, Any]] | None:
+        """The results a run was judged on (None when it ended without any)."""
+        value = await _scalar(self._r, "SELECT results FROM canary_runs WHERE id = ?", (run_id,))
+        return json.loads(value) if value else None
+
     async def list_canary_runs(self, build_id: str) -> list[CanaryRun]:
         async with self._r.execute(
             "SELECT * FROM canary_runs WHERE build_id = ? ORDER BY attempt", (build_id,)

@@ -107,7 +107,15 @@ class CanaryService:
     async def record_results(
         self, build_id: str, results: Sequence[TestResult], *, reported_by: str
     ) -> tuple[CanaryRun, Verdict]:
-        build, run = await self.active_run(build_id)
+        try:
+            build, run = await self.active_run(build_id)
+        except RunFinished as ended:
+            # The same report again (a client retrying after losing the answer) gets
+            # the same answer; anything else is refused.
+            repeated = await self._same_report(ended.run, build_id, results)
+            if repeated is None:
+                raise
+            return repeated
         verdict = judge(results, build.runtime_versions, self.thresholds)
         outcome = CanaryOutcome(
             verdict.state,
@@ -134,6 +142,15 @@ class CanaryService:
             ", ".join(verdict.known_good_for) or "no provider",
         )
         return concluded, verdict
+
+    async def _same_report(
+        self, run: CanaryRun, build_id: str, results: Sequence[TestResult]
+    ) -> tuple[CanaryRun, Verdict] | None:
+        stored = await self.store.canary_results(run.id)
+        if stored is None or stored != [r.as_json() for r in results]:
+            return None
+        build, _ = await self.build(build_id)
+        return run, judge(results, build.runtime_versions, self.thresholds)
 
     async def expire_due(self) -> list[CanaryRun]:
         """Runs whose results did not come in time are errored."""
