@@ -134,6 +134,8 @@ class Settings:
     min_release_age: timedelta = timedelta(0)
     package_page_url: str | None = None  # template with {package} and {version}
     runner_repo: str | None = None  # owner/name of the runner repository
+    runtime_manifest: str = "runtimes.json"  # provider -> version, in the runner repository
+    public_url: str | None = None  # where people reach this service, for links
     canary_workflow: str = "canary.yml"
     canary_timeout: timedelta = timedelta(minutes=60)
     canary_min_pass_rate: float = 0.95
@@ -223,6 +225,10 @@ class _Reader:
                 "UPDATE_PIPELINE_PACKAGE_PAGE_URL", _page_template, d.package_page_url
             ),
             runner_repo=self.get("UPDATE_PIPELINE_RUNNER_REPO", _repo_name, d.runner_repo),
+            runtime_manifest=self.get(
+                "UPDATE_PIPELINE_RUNTIME_MANIFEST", _repo_path, d.runtime_manifest
+            ),
+            public_url=self.get("UPDATE_PIPELINE_PUBLIC_URL", _base_url, d.public_url),
             canary_workflow=self.get(
                 "UPDATE_PIPELINE_CANARY_WORKFLOW", _workflow_file, d.canary_workflow
             ),
@@ -306,6 +312,14 @@ def _repo_name(text: str) -> str:
     if not _REPO.match(name) or name.endswith(("/.", "/..")):
         raise ValueError(f"{text!r} is not a repository as owner/name")
     return name
+
+
+def _repo_path(text: str) -> str:
+    path = text.strip().strip("/")
+    parts = path.split("/")
+    if not path or any(part in ("", ".", "..") for part in parts) or len(path) > 500:
+        raise ValueError(f"{text!r} is not a file path in a repository")
+    return path
 
 
 def _workflow_file(text: str) -> str:

@@ -16,8 +16,9 @@ from app.api.openapi import build_openapi
 from app.api.routing import OPENAPI, SERVICES
 from app.clock import Clock
 from app.config import Settings
-from app.github import commands, installations
+from app.github import canary, commands, installations
 from app.github.app import GitHubApp
+from app.github.canary import GitHubCanaryReporter
 from app.github.commands import CommandRegistry, PermissionCache
 from app.github.installations import InstallationRegistry, InstallationSync
 from app.github.oidc import OidcVerifier
@@ -70,14 +71,23 @@ def github_components(
             missed = MissedDeliveries(services.store, services.github, services.clock)
             components.append(MissedDeliverySweep(missed))
         components.append(OutboxWorker(services.outbox, services.github))
+    commands_registry = command_registry or CommandRegistry()
+    settings = services.settings
+    if services.github is not None and settings.runner_repo is not None:
+        # Canaries show on GitHub: check runs, dispatches, and /canary on pull requests.
+        services.canary.reporter = GitHubCanaryReporter(services.store, settings, services.clock)
+        services.canary.effects_written = services.outbox.written
+        canary.register_commands(commands_registry, services.canary, settings)
     # Every feature's router, merged here so one place shows all that reacts to GitHub;
     # features add their slash commands to the one registry.
-    routers = [installations.router, commands.router]
+    routers = [installations.router, commands.router, canary.router]
     context = WebhookContext(
         installations=registry,
         github=services.github,
-        commands=command_registry or CommandRegistry(),
+        commands=commands_registry,
         permissions=PermissionCache(services.clock),
+        canary=services.canary,
+        settings=settings,
     )
     components.append(
         WebhookProcessor(services.deliveries, routers, context, outbox=services.outbox)

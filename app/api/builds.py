@@ -132,10 +132,14 @@ def canary_error(exc: CanaryError) -> ApiError:
 async def add_build(call: Call) -> web.StreamResponse:
     body, services = call.body, call.services
     assert call.principal is not None
+    try:
+        built_at = parse_iso(body["builtAt"]) if "builtAt" in body else services.clock.now()
+    except ValueError:
+        raise ApiError(400, "VALIDATION_FAILED", "builtAt: not a date-time") from None
     build = BuildRecord(
         build_id=body["buildId"],
         runner_version=body["runnerVersion"],
-        built_at=parse_iso(body["builtAt"]) if "builtAt" in body else services.clock.now(),
+        built_at=built_at,
         runtime_versions=body["runtimeVersions"],
         repository=body.get("repository"),
         commit_sha=body.get("commitSha"),

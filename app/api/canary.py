@@ -15,6 +15,7 @@ from app.clock import isoformat
 from app.github.oidc import OidcPolicy, OidcRejected
 from app.pipeline.canary.metrics import TEST_STATUSES, TestResult
 from app.pipeline.canary.service import CanaryError
+from app.services import Services
 
 MAX_RESULTS = 5000
 _MS = {"type": ["number", "null"], "minimum": 0, "maximum": 86_400_000}
@@ -80,9 +81,9 @@ REPORT_SCHEMA: dict[str, Any] = {
 
 async def post_results(call: Call) -> web.StreamResponse:
     services, build_id = call.services, call.path["buildId"]
-    # The token is checked before the build is looked up, so that nobody learns which
-    # builds exist without proving who they are.
-    run_id = await _verified_workflow(call) if call.workflow_token is not None else None
+    # A workflow's token was checked before the body was read or the build looked up, so
+    # nobody learns which builds exist without proving who they are.
+    run_id = call.workflow
     if run_id is not None:
         reporter = f"workflow run {run_id}"
     else:
@@ -91,7 +92,8 @@ async def post_results(call: Call) -> web.StreamResponse:
     try:
         _, run = await services.canary.build(build_id)
         # Once the dispatch is known, only that very run may report for the build.
-        if run_id is not None and run is not None and run.workflow_run_id not in (None, run_id):
+        bound = await services.canary.bound_workflow_run(run) if run is not None else None
+        if run_id is not None and bound not in (None, run_id):
             raise ApiError(
                 401,
                 "UNAUTHORIZED",
@@ -114,11 +116,9 @@ async def post_results(call: Call) -> web.StreamResponse:
     )
 
 
-async def _verified_workflow(call: Call) -> str:
+async def verify_workflow(services: Services, token: str) -> str:
     """Verify the canary workflow's OIDC token; the id of the workflow run it is from."""
-    services = call.services
     settings = services.settings
-    assert call.workflow_token is not None
     if services.oidc is None or settings.runner_repo is None:
         raise ApiError(
             401,
@@ -142,7 +142,7 @@ async def _verified_workflow(call: Call) -> str:
         workflow=settings.canary_workflow,
     )
     try:
-        claims = await services.oidc.verify(call.workflow_token, policy)
+        claims = await services.oidc.verify(token, policy)
     except OidcRejected as exc:
         if exc.status == 503:
             raise ApiError(
@@ -194,6 +194,7 @@ ROUTES = [
         "Report a build's canary results (admin token, or the canary workflow's OIDC token)",
         REPORT_SCHEMA,
         request=RESULTS_BODY,
+        workflow_auth=verify_workflow,
         errors={
             404: "No build has this id.",
             409: "The build's canary run has finished; results are taken once.",

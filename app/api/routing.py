@@ -42,9 +42,9 @@ class Call:
     path: dict[str, str]
     query: dict[str, Any]
     body: Any
-    # ADMIN_OR_WORKFLOW routes: the bearer credential when it is not an API token (an
-    # OIDC token for the handler to verify); principal is None then.
-    workflow_token: str | None = None
+    # ADMIN_OR_WORKFLOW routes: who a workflow's token proved to be (principal is None
+    # then), as the route's workflow_auth said.
+    workflow: str | None = None
 
 
 Handler = Callable[[Call], Awaitable[web.StreamResponse]]
@@ -69,6 +69,9 @@ class Route:
     # Other non-error answers: status -> (description, body schema).
     also: Mapping[int, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
     prefix: str = PREFIX
+    # ADMIN_OR_WORKFLOW routes: checks a workflow's token before the body is read and
+    # returns who it proved to be (raising ApiError when it proves nothing).
+    workflow_auth: Callable[[Services, str], Awaitable[str]] | None = None
 
     @property
     def full_path(self) -> str:
@@ -130,13 +133,16 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
     async def endpoint(request: web.Request) -> web.StreamResponse:
         services = request.app[SERVICES]
         principal = None
-        workflow_token = None
+        workflow = None
         if route.access is Access.ADMIN_OR_WORKFLOW:
             bearer = _bearer(request)
             if bearer.startswith(TOKEN_PREFIX):
                 principal = await _authenticate(request, services)
+            elif route.workflow_auth is None:
+                raise ApiError(401, "UNAUTHORIZED", "an API token is required", headers=CHALLENGE)
             else:
-                workflow_token = bearer
+                # Before the body is read: an unproven caller costs no parsing.
+                workflow = await route.workflow_auth(services, bearer)
         elif route.bearer:
             principal = await _authenticate(request, services)
         if principal is not None and not route.access.allows(principal.role):
@@ -150,9 +156,7 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
         if body_validator is not None:
             body = await read_json(request, services.settings.max_body_bytes)
             _validate(body_validator, body, "body")
-        call = Call(
-            request, services, principal, dict(request.match_info), query, body, workflow_token
-        )
+        call = Call(request, services, principal, dict(request.match_info), query, body, workflow)
         return await route.handler(call)
 
     endpoint.__name__ = route.operation_id

@@ -21,9 +21,11 @@ from app.logs import get_logger
 from app.store import Delivery, NewEffect, Store
 
 if TYPE_CHECKING:
+    from app.config import Settings
     from app.github.app import GitHubApp
     from app.github.installations import InstallationRegistry
     from app.pipeline import UpdatePipeline
+    from app.pipeline.canary.service import CanaryService
 
 log = get_logger("github.webhooks")
 
@@ -55,6 +57,8 @@ class WebhookContext:
 
     installations: InstallationRegistry | None = None
     github: GitHubApp | None = None
+    canary: CanaryService | None = None
+    settings: Settings | None = None
     commands: CommandRegistry = field(default_factory=CommandRegistry)
     permissions: PermissionCache = field(default_factory=lambda: PermissionCache(Clock()))
     effects: list[NewEffect] = field(default_factory=list)

@@ -96,6 +96,7 @@ class BuildRecord:
     repository: str | None = None
     commit_sha: str | None = None
     created_at: datetime | None = None  # set by the store
+    manifest: str | None = None  # the runtime manifest's text it was read from
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,19 @@ class CanaryRun:
     error: str | None
     workflow_run_id: str | None
     reported_by: str | None
+    ref: str | None = None
+    check_key: str | None = None
+    dispatch_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewCanaryRun:
+    """A canary run to start: its deadline for results, and where its workflow runs."""
+
+    deadline_at: datetime
+    ref: str | None = None  # the branch its workflow is dispatched on
+    check_key: str | None = None  # its check run's external_id
+    dispatch_key: str | None = None  # the key its workflow run is found by
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,15 +286,46 @@ class Store(Protocol):
     async def mark_handed_to_canary(self, version_id: str, at: datetime) -> None: ...
     async def add_build(self, build: BuildRecord, at: datetime) -> None: ...
     async def register_build(
-        self, build: BuildRecord, at: datetime, *, deadline_at: datetime, keep_events: int
+        self,
+        build: BuildRecord,
+        at: datetime,
+        *,
+        run: NewCanaryRun,
+        keep_events: int,
+        effects: Sequence[NewEffect] = (),
     ) -> tuple[BuildRecord, CanaryRun, list[EventRecord]]: ...
+    async def start_canary_run(
+        self,
+        build_id: str,
+        attempt: int,
+        at: datetime,
+        *,
+        run: NewCanaryRun,
+        keep_events: int,
+        effects: Sequence[NewEffect] = (),
+    ) -> tuple[CanaryRun, list[EventRecord]]: ...
+    async def bind_workflow_run(self, run_id: str, workflow_run_id: str) -> None: ...
+    async def canary_run_for_workflow(
+        self, workflow_run_id: str, dispatch_keys: Sequence[str]
+    ) -> CanaryRun | None: ...
+    async def canary_run_by_check_key(self, check_key: str) -> CanaryRun | None: ...
+    async def set_pull_request_build(
+        self, repository: str, number: int, build_id: str, head_sha: str, at: datetime
+    ) -> str | None: ...
+    async def pull_request_build(self, repository: str, number: int) -> str | None: ...
     async def get_build(self, build_id: str) -> BuildRecord | None: ...
     async def list_builds(self, *, before: str | None, limit: int) -> list[BuildRecord]: ...
     async def latest_canary_run(self, build_id: str) -> CanaryRun | None: ...
     async def list_canary_runs(self, build_id: str) -> list[CanaryRun]: ...
     async def canary_results(self, run_id: str) -> list[dict[str, Any]] | None: ...
     async def finish_canary(
-        self, run_id: str, outcome: CanaryOutcome, at: datetime, *, keep_events: int
+        self,
+        run_id: str,
+        outcome: CanaryOutcome,
+        at: datetime,
+        *,
+        keep_events: int,
+        effects: Sequence[NewEffect] = (),
     ) -> tuple[CanaryRun, list[EventRecord]] | None: ...
     async def expired_canaries(self, now: datetime, *, limit: int) -> list[CanaryRun]: ...
     async def next_canary_deadline(self) -> datetime | None: ...

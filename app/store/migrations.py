@@ -262,4 +262,36 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        7,
+        "canaries on GitHub",
+        """
+        -- Where a run's workflow is dispatched (a branch of the runner repository), the
+        -- keys its check run and dispatch are found again by, and the dispatched run.
+        ALTER TABLE canary_runs ADD COLUMN ref TEXT;
+        ALTER TABLE canary_runs ADD COLUMN check_key TEXT;
+        ALTER TABLE canary_runs ADD COLUMN dispatch_key TEXT;
+        CREATE INDEX canary_runs_workflow_run ON canary_runs (workflow_run_id)
+            WHERE workflow_run_id IS NOT NULL;
+        CREATE INDEX canary_runs_dispatch_key ON canary_runs (dispatch_key)
+            WHERE dispatch_key IS NOT NULL;
+
+        -- The runtime manifest a build was read from, to point at its lines.
+        ALTER TABLE runner_builds ADD COLUMN manifest TEXT;
+
+        -- The build a pull request of the runner repository currently carries, so a new
+        -- head can supersede it.
+        CREATE TABLE pull_request_builds (
+            repository TEXT NOT NULL,
+            number     INTEGER NOT NULL,
+            build_id   TEXT NOT NULL REFERENCES runner_builds (build_id),
+            head_sha   TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (repository, number)
+        );
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

@@ -27,6 +27,7 @@ from app.store.base import (
     EventRecord,
     FoundVersion,
     Installation,
+    NewCanaryRun,
     NewEffect,
     NewToken,
     OutboxStats,
@@ -373,34 +374,98 @@ class SqliteStore:
             await _insert_build(db, build, at)
 
     async def register_build(
-        self, build: BuildRecord, at: datetime, *, deadline_at: datetime, keep_events: int
+        self,
+        build: BuildRecord,
+        at: datetime,
+        *,
+        run: NewCanaryRun,
+        keep_events: int,
+        effects: Sequence[NewEffect] = (),
     ) -> tuple[BuildRecord, CanaryRun, list[EventRecord]]:
-        """A new build and its first canary run (pending, due by ``deadline_at``), with the
-        ``canary_started`` event, in one transaction; Conflict when the id is taken."""
+        """A new build and its first canary run, with the ``canary_started`` event and the
+        run's GitHub side effects, in one transaction; Conflict when the id is taken."""
         async with self._transaction() as db:
             stored = await _insert_build(db, build, at)
-            run_id = str(uuid.uuid4())
-            async with db.execute(
-                "INSERT INTO canary_runs (id, build_id, state, attempt, deadline_at, created_at)"
-                " VALUES (?, ?, 'pending', 1, ?, ?) RETURNING *",
-                (run_id, build.build_id, isoformat(deadline_at), isoformat(at)),
-            ) as cursor:
-                row = await cursor.fetchone()
-            assert row is not None
-            run = _canary_run(row)
-            event = await _insert_event(
-                db,
-                "canary_started",
-                {
-                    "buildId": build.build_id,
-                    "runId": run_id,
-                    "attempt": 1,
-                    "runtimeVersions": dict(build.runtime_versions),
-                },
-                at,
-                keep_events,
+            started, event = await _start_run(db, build, 1, run, at, keep_events)
+            await _insert_effects(db, effects, at)
+        return stored, started, [event]
+
+    async def start_canary_run(
+        self,
+        build_id: str,
+        attempt: int,
+        at: datetime,
+        *,
+        run: NewCanaryRun,
+        keep_events: int,
+        effects: Sequence[NewEffect] = (),
+    ) -> tuple[CanaryRun, list[EventRecord]]:
+        """Another canary run of a build (a re-run); Conflict when this attempt exists."""
+        async with self._transaction() as db:
+            build = await _build_in(db, build_id)
+            try:
+                started, event = await _start_run(db, build, attempt, run, at, keep_events)
+            except sqlite3.IntegrityError:
+                raise Conflict(f"{build_id} already has run {attempt}", build_id) from None
+            await _insert_effects(db, effects, at)
+        return started, [event]
+
+    async def bind_workflow_run(self, run_id: str, workflow_run_id: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE canary_runs SET workflow_run_id = ?,"
+                " state = CASE state WHEN 'pending' THEN 'running' ELSE state END,"
+                " started_at = coalesce(started_at, created_at)"
+                " WHERE id = ? AND workflow_run_id IS NULL",
+                (workflow_run_id, run_id),
             )
-        return stored, run, [event]
+
+    async def canary_run_for_workflow(
+        self, workflow_run_id: str, dispatch_keys: Sequence[str]
+    ) -> CanaryRun | None:
+        """The run a workflow run belongs to: bound by its id, or named by a dispatch key
+        (its run name carries the key)."""
+        async with self._r.execute(
+            "SELECT * FROM canary_runs WHERE workflow_run_id = ?1 OR dispatch_key IN"
+            " (SELECT value FROM json_each(?2)) ORDER BY workflow_run_id = ?1 DESC LIMIT 1",
+            (workflow_run_id, json.dumps(list(dispatch_keys))),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _canary_run(row) if row else None
+
+    async def canary_run_by_check_key(self, check_key: str) -> CanaryRun | None:
+        async with self._r.execute(
+            "SELECT * FROM canary_runs WHERE check_key = ?", (check_key,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _canary_run(row) if row else None
+
+    async def set_pull_request_build(
+        self, repository: str, number: int, build_id: str, head_sha: str, at: datetime
+    ) -> str | None:
+        """Record the build a pull request carries now; the one it carried before."""
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT build_id FROM pull_request_builds WHERE repository = ? AND number = ?",
+                (repository.lower(), number),
+            ) as cursor:
+                before = await cursor.fetchone()
+            await db.execute(
+                "INSERT INTO pull_request_builds (repository, number, build_id, head_sha,"
+                " updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (repository, number) DO UPDATE"
+                " SET build_id = excluded.build_id, head_sha = excluded.head_sha,"
+                " updated_at = excluded.updated_at",
+                (repository.lower(), number, build_id, head_sha, isoformat(at)),
+            )
+        return str(before[0]) if before else None
+
+    async def pull_request_build(self, repository: str, number: int) -> str | None:
+        value = await _scalar(
+            self._r,
+            "SELECT build_id FROM pull_request_builds WHERE repository = ? AND number = ?",
+            (repository.lower(), number),
+        )
+        return str(value) if value is not None else None
 
     async def get_build(self, build_id: str) -> BuildRecord | None:
         async with self._r.execute(
@@ -439,7 +504,13 @@ class SqliteStore:
         return _canary_run(row) if row else None
 
     async def finish_canary(
-        self, run_id: str, outcome: CanaryOutcome, at: datetime, *, keep_events: int
+        self,
+        run_id: str,
+        outcome: CanaryOutcome,
+        at: datetime,
+        *,
+        keep_events: int,
+        effects: Sequence[NewEffect] = (),
     ) -> tuple[CanaryRun, list[EventRecord]] | None:
         """Conclude a run that is still pending or running; None when it is not (a second
         report, or a report racing the timeout, loses cleanly). A pass marks the build
@@ -494,6 +565,7 @@ class SqliteStore:
                 at,
                 keep_events,
             )
+            await _insert_effects(db, effects, at)
         return run, [event]
 
     async def expired_canaries(self, now: datetime, *, limit: int) -> list[CanaryRun]:
@@ -1054,8 +1126,8 @@ async def _insert_build(db: aiosqlite.Connection, build: BuildRecord, at: dateti
     try:
         async with db.execute(
             "INSERT INTO runner_builds (id, build_id, runner_version, built_at,"
-            " runtime_versions, known_good_for, repository, commit_sha, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            " runtime_versions, known_good_for, repository, commit_sha, manifest, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
             (
                 str(uuid.uuid4()),
                 build.build_id,
@@ -1065,6 +1137,7 @@ async def _insert_build(db: aiosqlite.Connection, build: BuildRecord, at: dateti
                 json.dumps(sorted(build.known_good_for)),
                 build.repository,
                 build.commit_sha,
+                build.manifest,
                 isoformat(at),
             ),
         ) as cursor:
@@ -1073,6 +1146,46 @@ async def _insert_build(db: aiosqlite.Connection, build: BuildRecord, at: dateti
         raise Conflict(f"build {build.build_id!r} already exists", build.build_id) from None
     assert row is not None
     return _build(row)
+
+
+async def _start_run(
+    db: aiosqlite.Connection,
+    build: BuildRecord,
+    attempt: int,
+    run: NewCanaryRun,
+    at: datetime,
+    keep_events: int,
+) -> tuple[CanaryRun, EventRecord]:
+    run_id = str(uuid.uuid4())
+    async with db.execute(
+        "INSERT INTO canary_runs (id, build_id, state, attempt, deadline_at, ref, check_key,"
+        " dispatch_key, created_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?) RETURNING *",
+        (
+            run_id,
+            build.build_id,
+            attempt,
+            isoformat(run.deadline_at),
+            run.ref,
+            run.check_key,
+            run.dispatch_key,
+            isoformat(at),
+        ),
+    ) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    event = await _insert_event(
+        db,
+        "canary_started",
+        {
+            "buildId": build.build_id,
+            "runId": run_id,
+            "attempt": attempt,
+            "runtimeVersions": dict(build.runtime_versions),
+        },
+        at,
+        keep_events,
+    )
+    return _canary_run(row), event
 
 
 async def _build_in(db: aiosqlite.Connection, build_id: str) -> BuildRecord:
@@ -1092,6 +1205,7 @@ def _build(row: sqlite3.Row) -> BuildRecord:
         repository=row["repository"],
         commit_sha=row["commit_sha"],
         created_at=parse_iso(row["created_at"]),
+        manifest=row["manifest"],
     )
 
 
@@ -1109,6 +1223,9 @@ def _canary_run(row: sqlite3.Row) -> CanaryRun:
         error=row["error"],
         workflow_run_id=row["workflow_run_id"],
         reported_by=row["reported_by"],
+        ref=row["ref"],
+        check_key=row["check_key"],
+        dispatch_key=row["dispatch_key"],
     )
 
 

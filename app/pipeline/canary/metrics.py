@@ -93,7 +93,7 @@ class Thresholds:
 
     def met(self, metrics: Metrics) -> bool:
         return (
-            metrics.ran > 0
+            metrics.passed > 0  # whatever the thresholds, a provider must pass something
             and metrics.pass_rate >= self.min_pass_rate
             and metrics.disconnect_rate <= self.max_disconnect_rate
         )
