@@ -18,6 +18,7 @@ from app.clock import Clock
 from app.config import Settings
 from app.github import canary, commands, installations
 from app.github.app import GitHubApp
+from app.github.bump import BumpHandoff
 from app.github.canary import GitHubCanaryReporter
 from app.github.commands import CommandRegistry, PermissionCache
 from app.github.installations import InstallationRegistry, InstallationSync
@@ -96,8 +97,9 @@ def github_components(
 
 
 def version_watcher(services: Services, session: aiohttp.ClientSession) -> VersionWatcher:
-    """The VersionWatcher; it finds the sources the providers name when it starts. It has
-    no canary to hand versions to yet: with auto-canary on, announced versions wait."""
+    """The VersionWatcher; it finds the sources the providers name when it starts. With
+    the App configured and a runner repository, a version ready for the canary becomes a
+    bump pull request there (whose canary then runs like any pull request's)."""
     settings = services.settings
 
     async def sources() -> list[Source]:
@@ -105,6 +107,11 @@ def version_watcher(services: Services, session: aiohttp.ClientSession) -> Versi
             settings, session, github=services.github, store=services.store
         )
 
+    handoff = None
+    if services.github is not None and settings.runner_repo is not None:
+        handoff = BumpHandoff(
+            services.outbox, services.store, settings.runner_repo, settings.runtime_manifest
+        )
     return VersionWatcher(
         services.store,
         services.bus,
@@ -116,6 +123,7 @@ def version_watcher(services: Services, session: aiohttp.ClientSession) -> Versi
         polling=settings.polling,
         auto_canary=settings.auto_canary,
         min_release_age=settings.min_release_age,
+        canary=handoff,
     )
 
 

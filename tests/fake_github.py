@@ -2023,6 +2023,9 @@ def _put_contents(ctx: Ctx) -> Any:
     body = _replace_strings(body, "octocat/Hello-World", repo.full_name)
     commit_sha = fake_sha(repo.full_name, ref, path, ctx.fake.new_id())
     repo.refs[f"heads/{ref}"] = commit_sha
+    for pull in repo.pulls.values():  # a push to a pull request's branch moves its head
+        if pull["state"] == "open" and pull["head"]["ref"] == ref:
+            pull["head"]["sha"] = commit_sha
     entry = _content_entry(repo, ref, path, data)
     body["content"] = {k: v for k, v in entry.items() if k in body["content"]}
     body["commit"].update(
@@ -2069,7 +2072,29 @@ def _create_ref(ctx: Ctx) -> Any:
     if ref in ctx.repo.refs:
         raise GitHubError(422, "Reference already exists")
     ctx.repo.refs[ref] = ctx.arg("sha")
+    if ref.startswith("heads/"):
+        _branch_files_from(ctx.repo, ref.removeprefix("heads/"), str(ctx.arg("sha")))
     return _ref_json(ctx.repo, ref)
+
+
+def _branch_files_from(repo: Repo, branch: str, sha: str) -> None:
+    """A new branch holds the files of the commit it starts from, as in git. Files are
+    kept per branch, so they come from a branch whose head is that commit (the default
+    branch first); a commit no branch points at gives an empty branch."""
+    heads = sorted(
+        (
+            name.removeprefix("heads/")
+            for name, at in repo.refs.items()
+            if at == sha and name.startswith("heads/") and name != f"heads/{branch}"
+        ),
+        key=lambda name: name != repo.default_branch,
+    )
+    source = next(iter(heads), None)
+    if source is None:
+        return
+    for (ref, path), data in list(repo.files.items()):
+        if ref == source:
+            repo.files[(branch, path)] = data
 
 
 @operation("PATCH /repos/{owner}/{repo}/git/refs/{ref}")

@@ -9,6 +9,7 @@ import copy
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -339,3 +340,70 @@ async def test_a_redelivered_pull_request_event_creates_nothing_twice(runner: Ru
     await runner.deliver("pull_request", copy.deepcopy(data))  # a new delivery, same event
     assert len(runner.github.repo(REPO).check_runs) == 1
     assert len(runner.dispatched()) == 1
+
+
+async def test_a_new_version_becomes_a_bump_pull_request_whose_canary_goes_green(
+    runner: Runner, api: Api, github: FakeGitHub, clock: ManualClock
+) -> None:
+    """The whole loop: release, bump PR, canary, green check, known-good build."""
+    from app.github.bump import BumpHandoff
+    from app.pipeline.version.watcher import Release, VersionWatcher
+
+    github.set_file(REPO, "runtimes.json", MANIFEST)  # on main
+    github.set_ref(REPO, "heads/main", "c3" * 20)
+
+    class Codex:
+        key, kind, provider_id = "npm:@openai/codex", "npm", "codex"
+        releases = [Release("0.46.0", clock.now()), Release("0.47.0", clock.now())]
+
+        async def fetch(self) -> list[Release]:
+            return self.releases
+
+    services = api.services
+    watcher = VersionWatcher(
+        services.store,
+        services.bus,
+        clock,
+        ["claude_code", "codex", "gemini_cli"],
+        [Codex()],
+        interval=timedelta(minutes=5),
+        polling=False,
+        auto_canary=True,
+        canary=BumpHandoff(services.outbox, services.store, REPO, "runtimes.json"),
+    )
+    await watcher.check()  # 0.47.0 is announced
+    assert [v.version for v in await watcher.hand_over()] == ["0.47.0"]
+    await runner.settled()
+
+    (pull,) = [p for p in github.repo(REPO).pulls.values() if p["state"] == "open"]
+    assert pull["head"]["ref"] == "update-pipeline/bump-codex-0.47.0"
+    assert pull["title"] == "Bump codex to 0.47.0"
+
+    # GitHub tells the app about the pull request it opened; its canary starts.
+    data = runner.open_pull(
+        pull["head"]["sha"], head=pull["head"]["ref"], manifest=MANIFEST.replace("0.46.0", "0.47.0")
+    )
+    await runner.deliver("pull_request", data)
+    build_id = "build-" + pull["head"]["sha"][:12]
+    run_id = str(runner.dispatched()[-1]["run_id"])
+    token = runner.issuer.mint(
+        runner.issuer.claims(
+            clock.now(),
+            repository=REPO,
+            repository_id=str(github.repo(REPO).id),
+            run_id=run_id,
+            workflow_ref=f"{REPO}/.github/workflows/canary.yml@refs/heads/{pull['head']['ref']}",
+        )
+    )
+    response, body = await api.post(
+        f"/canary/{build_id}/results",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"results": passing()},
+    )
+    assert response.status == 200, body
+    await runner.settled()
+    assert runner.check_run(build_id)["conclusion"] == "success"
+    _, build = await api.get(f"/builds/{build_id}", token=await api.token("viewer"))
+    assert build["runtimeVersions"]["codex"] == "0.47.0"
+    assert build["knownGoodFor"] == ["claude_code", "codex"]
+    assert github.violations == []
