@@ -407,3 +407,20 @@ async def test_a_new_version_becomes_a_bump_pull_request_whose_canary_goes_green
     assert build["runtimeVersions"]["codex"] == "0.47.0"
     assert build["knownGoodFor"] == ["claude_code", "codex"]
     assert github.violations == []
+
+
+@pytest.mark.parametrize(("identifier", "reruns"), [("rerun", True), ("something-else", False)])
+async def test_the_re_run_button_starts_a_new_run(
+    runner: Runner, identifier: str, reruns: bool
+) -> None:
+    await runner.deliver("pull_request", runner.open_pull())
+    await runner.report(passing())
+    check = runner.check_run(BUILD)
+    data = payload("check_run.requested_action.0.json")
+    data["check_run"].update(
+        id=check["id"], name="update-pipeline / canary", external_id=BUILD, head_sha=SHA
+    )
+    data["requested_action"] = {"identifier": identifier}
+    data["repository"] = {**data["repository"], "full_name": REPO}
+    await runner.deliver("check_run", data)
+    assert len(runner.dispatched()) == (2 if reruns else 1)
