@@ -1,0 +1,1 @@
+"""The fleet: runners, their heartbeats, organisations, and which build each should run."""
