@@ -140,6 +140,7 @@ class Settings:
     canary_timeout: timedelta = timedelta(minutes=60)
     canary_min_pass_rate: float = 0.95
     canary_max_disconnect_rate: float = 0.05
+    heartbeat_retention: timedelta = timedelta(days=7)
     oidc_issuer: str = "https://token.actions.githubusercontent.com"
     oidc_audience: str = "update-pipeline"
 
@@ -240,6 +241,9 @@ class _Reader:
             ),
             canary_max_disconnect_rate=self.get(
                 "UPDATE_PIPELINE_CANARY_MAX_DISCONNECT_RATE", _rate, d.canary_max_disconnect_rate
+            ),
+            heartbeat_retention=self.get(
+                "UPDATE_PIPELINE_HEARTBEAT_RETENTION", _positive_duration, d.heartbeat_retention
             ),
             oidc_issuer=self.get("UPDATE_PIPELINE_OIDC_ISSUER", _issuer, d.oidc_issuer),
             oidc_audience=self.get("UPDATE_PIPELINE_OIDC_AUDIENCE", _audience, d.oidc_audience),

@@ -16,6 +16,7 @@ from app.api.openapi import build_openapi
 from app.api.routing import OPENAPI, SERVICES
 from app.clock import Clock
 from app.config import Settings
+from app.fleet.service import retention
 from app.github import canary, commands, installations
 from app.github.app import GitHubApp
 from app.github.bump import BumpHandoff
@@ -172,6 +173,7 @@ async def serve(
                 if settings.enabled:
                     own.append(version_watcher(services, upstream))
                     own.append(CanaryTimeouts(services.canary))
+                    own.append(retention(services.fleet))
                 await start_pipeline(services, [*own, *components])
                 await _run_http(services, stop)
             finally:

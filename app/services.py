@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from app.auth import TokenService
 from app.clock import Clock
 from app.config import Settings
+from app.fleet.service import Fleet
 from app.github.app import NOT_CONFIGURED, GitHubApp
 from app.github.oidc import OidcVerifier
 from app.github.outbox import Outbox
@@ -27,6 +28,7 @@ class Services:
     deliveries: Deliveries
     outbox: Outbox
     canary: CanaryService
+    fleet: Fleet
     pipeline: UpdatePipeline | None = None
     github: GitHubApp | None = None
     # Verifies GitHub Actions OIDC tokens (canary results); set by serve.
@@ -42,6 +44,9 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, store: Store, clock: Clock) -> Services:
         bus = EventBus(store, clock)
+        canary = CanaryService(store, bus, clock, settings)
+        fleet = Fleet(store, clock, settings)
+        canary.listeners.append(fleet.invalidate)
         return cls(
             settings,
             store,
@@ -50,5 +55,6 @@ class Services:
             TokenService(store, clock, bus),
             Deliveries(store, clock),
             Outbox(store, clock),
-            CanaryService(store, bus, clock, settings),
+            canary,
+            fleet,
         )

@@ -1,6 +1,16 @@
 """The HTTP API: thin handlers over the pipeline, one module per resource."""
 
-from app.api import builds, canary, diagnostics, events, system, tokens, versions, webhooks
+from app.api import (
+    builds,
+    canary,
+    diagnostics,
+    events,
+    fleet,
+    system,
+    tokens,
+    versions,
+    webhooks,
+)
 from app.api.routing import RouteTable
 
 
@@ -15,4 +25,5 @@ def build_route_table() -> RouteTable:
     table.extend(versions.ROUTES)
     table.extend(builds.ROUTES)
     table.extend(canary.ROUTES)
+    table.extend(fleet.ROUTES)
     return table

@@ -234,6 +234,43 @@ class OutboxStats:
 
 
 @dataclass(frozen=True, slots=True)
+class Org:
+    org_id: str
+    channel: str
+    pinned_build_id: str | None
+    version_pins: Mapping[str, str]  # provider -> version prefix
+    approval_required: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerState:
+    runner_id: str
+    org_id: str
+    boot_id: str
+    build_id: str | None
+    started: int
+    failed: int
+    disconnected: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One accepted heartbeat, as written: the runner's new state, the sessions it adds
+    (the positive difference from the last heartbeat of the same boot), and where they
+    count."""
+
+    runner: RunnerState
+    runtimes: Mapping[str, str]
+    received_at: datetime
+    new_sessions: tuple[int, int, int]  # started, failed, disconnected
+    rollout_id: str = ""
+    stage: int = -1
+    new_org: Org | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusCounts:
     """What ``GET /status`` is computed from, read in one consistent snapshot."""
 
@@ -340,6 +377,16 @@ class Store(Protocol):
         keep_events: int,
     ) -> tuple[ChannelRecord, list[EventRecord]]: ...
     async def list_channels(self) -> list[ChannelRecord]: ...
+    async def add_heartbeat(self, heartbeat: Heartbeat) -> None: ...
+    async def runner_state(self, runner_id: str) -> RunnerState | None: ...
+    async def list_orgs(
+        self, *, channel: str | None, before: str | None, limit: int
+    ) -> list[Org]: ...
+    async def get_org(self, org_id: str) -> Org | None: ...
+    async def save_org(self, org: Org) -> None: ...
+    async def all_orgs(self) -> list[Org]: ...
+    async def fleet_counts(self) -> list[dict[str, Any]]: ...
+    async def prune_sessions(self, older_than: datetime) -> int: ...
     async def add_rollout(self, rollout: RolloutRecord, at: datetime) -> None: ...
     async def set_recommended_build(self, channel: str, build_id: str, at: datetime) -> None: ...
     async def status_counts(self, providers: Sequence[str]) -> StatusCounts: ...

@@ -294,4 +294,56 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        8,
+        "fleet",
+        """
+        -- Customer organisations: their channel, pins, and whether rollouts need their
+        -- approval. Created on an org's first heartbeat.
+        CREATE TABLE orgs (
+            org_id            TEXT PRIMARY KEY,
+            channel           TEXT NOT NULL DEFAULT 'stable' CHECK (channel IN ('stable', 'beta')),
+            pinned_build_id   TEXT REFERENCES runner_builds (build_id),
+            version_pins      TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(version_pins)),
+            approval_required INTEGER NOT NULL DEFAULT 0 CHECK (approval_required IN (0, 1)),
+            created_at        TEXT NOT NULL,
+            updated_at        TEXT NOT NULL
+        );
+        CREATE INDEX orgs_channel ON orgs (channel);
+
+        -- Each runner's last heartbeat: the counters of its current boot, so the next
+        -- heartbeat counts only what is new.
+        CREATE TABLE runners (
+            runner_id    TEXT PRIMARY KEY,
+            org_id       TEXT NOT NULL,
+            boot_id      TEXT NOT NULL,
+            build_id     TEXT,
+            runtimes     TEXT NOT NULL DEFAULT '{}',
+            started      INTEGER NOT NULL,
+            failed       INTEGER NOT NULL,
+            disconnected INTEGER NOT NULL,
+            last_seen_at TEXT NOT NULL
+        );
+        CREATE INDEX runners_org ON runners (org_id);
+        CREATE INDEX runners_build ON runners (build_id);
+
+        -- Sessions counted from heartbeats, per rollout stage, org, build and hour of
+        -- receipt ('' and -1 outside any rollout); pruned after the retention period.
+        CREATE TABLE session_counts (
+            rollout_id   TEXT NOT NULL DEFAULT '',
+            stage        INTEGER NOT NULL DEFAULT -1,
+            org_id       TEXT NOT NULL,
+            build_id     TEXT NOT NULL,
+            hour         TEXT NOT NULL,
+            started      INTEGER NOT NULL DEFAULT 0,
+            failed       INTEGER NOT NULL DEFAULT 0,
+            disconnected INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (rollout_id, stage, org_id, build_id, hour)
+        );
+        CREATE INDEX session_counts_hour ON session_counts (hour);
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

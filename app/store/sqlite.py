@@ -26,13 +26,16 @@ from app.store.base import (
     Effect,
     EventRecord,
     FoundVersion,
+    Heartbeat,
     Installation,
     NewCanaryRun,
     NewEffect,
     NewToken,
+    Org,
     OutboxStats,
     Repository,
     RolloutRecord,
+    RunnerState,
     RuntimeVersionRecord,
     StatusCounts,
     StoreError,
@@ -91,6 +94,8 @@ class SqliteStore:
         self._snapshot_lock = asyncio.Lock()
         self._delivery_queue: list[tuple[Delivery, asyncio.Future[bool]]] = []
         self._delivery_writer: asyncio.Task[None] | None = None
+        self._heartbeat_queue: list[tuple[Heartbeat, asyncio.Future[None]]] = []
+        self._heartbeat_writer: asyncio.Task[None] | None = None
         self._interrupted = False
 
     @classmethod
@@ -120,8 +125,9 @@ class SqliteStore:
         return cls(path, writer, reader, snapshots)
 
     async def close(self) -> None:
-        if self._delivery_writer is not None:
-            await self._delivery_writer
+        for writer in (self._delivery_writer, self._heartbeat_writer):
+            if writer is not None:
+                await writer
         async with self._write_lock:
             await self._r.close()
             await self._s.close()
@@ -466,6 +472,89 @@ class SqliteStore:
             (repository.lower(), number),
         )
         return str(value) if value is not None else None
+
+    # -- Fleet ------------------------------------------------------------------------------
+
+    async def add_heartbeat(self, heartbeat: Heartbeat) -> None:
+        """Write a heartbeat: the runner's state and the sessions it adds. Returns once
+        committed; concurrent heartbeats share commits, as deliveries do."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._heartbeat_queue.append((heartbeat, waiter))
+        if self._heartbeat_writer is None or self._heartbeat_writer.done():
+            self._heartbeat_writer = asyncio.create_task(self._write_heartbeats())
+        await waiter
+
+    async def _write_heartbeats(self) -> None:
+        batch: list[tuple[Heartbeat, asyncio.Future[None]]] = []
+        try:
+            while self._heartbeat_queue:
+                try:
+                    async with self._transaction() as db:
+                        batch, self._heartbeat_queue = self._heartbeat_queue, []
+                        await _insert_heartbeats(db, [h for h, _ in batch])
+                except Exception as exc:
+                    for _, waiter in batch:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    continue
+                for _, waiter in batch:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                batch = []
+        except BaseException:
+            for _, waiter in batch + self._heartbeat_queue:
+                if not waiter.done():
+                    waiter.set_exception(StoreError("the store is closing"))
+            self._heartbeat_queue = []
+            raise
+
+    async def runner_state(self, runner_id: str) -> RunnerState | None:
+        async with self._r.execute(
+            "SELECT runner_id, org_id, boot_id, build_id, started, failed, disconnected"
+            " FROM runners WHERE runner_id = ?",
+            (runner_id,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return RunnerState(*row) if row else None
+
+    async def list_orgs(self, *, channel: str | None, before: str | None, limit: int) -> list[Org]:
+        async with self._r.execute(
+            "SELECT * FROM orgs WHERE (?1 IS NULL OR channel = ?1) AND (?2 IS NULL OR org_id > ?2)"
+            " ORDER BY org_id LIMIT ?3",
+            (channel, before, limit),
+        ) as cursor:
+            return [_org(row) for row in await cursor.fetchall()]
+
+    async def all_orgs(self) -> list[Org]:
+        async with self._r.execute("SELECT * FROM orgs") as cursor:
+            return [_org(row) for row in await cursor.fetchall()]
+
+    async def get_org(self, org_id: str) -> Org | None:
+        async with self._r.execute("SELECT * FROM orgs WHERE org_id = ?", (org_id,)) as cursor:
+            row = await cursor.fetchone()
+        return _org(row) if row else None
+
+    async def save_org(self, org: Org) -> None:
+        async with self._transaction() as db:
+            await _upsert_org(db, org)
+
+    async def fleet_counts(self) -> list[dict[str, Any]]:
+        """Runners and orgs per (channel, build), with the last time one was seen."""
+        async with self._r.execute(
+            "SELECT coalesce(o.channel, 'stable') AS channel, r.build_id,"
+            " count(*) AS runners, count(DISTINCT r.org_id) AS orgs,"
+            " max(r.last_seen_at) AS last_seen_at"
+            " FROM runners r LEFT JOIN orgs o ON o.org_id = r.org_id"
+            " GROUP BY 1, 2 ORDER BY 1, 3 DESC"
+        ) as cursor:
+            return [dict(row) for row in await cursor.fetchall()]
+
+    async def prune_sessions(self, older_than: datetime) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM session_counts WHERE hour < ?", (_hour(older_than),)
+            )
+            return cursor.rowcount
 
     async def get_build(self, build_id: str) -> BuildRecord | None:
         async with self._r.execute(
@@ -1297,6 +1386,97 @@ def _version_event(row: sqlite3.Row) -> dict[str, Any]:
         "sourceUrl": row["source_url"],
         "prerelease": bool(row["prerelease"]),
     }
+
+
+def _hour(moment: datetime) -> str:
+    return isoformat(moment.replace(minute=0, second=0, microsecond=0))
+
+
+async def _upsert_org(db: aiosqlite.Connection, org: Org) -> None:
+    await db.execute(
+        "INSERT INTO orgs (org_id, channel, pinned_build_id, version_pins, approval_required,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (org_id) DO UPDATE"
+        " SET channel = excluded.channel, pinned_build_id = excluded.pinned_build_id,"
+        " version_pins = excluded.version_pins,"
+        " approval_required = excluded.approval_required, updated_at = excluded.updated_at",
+        (
+            org.org_id,
+            org.channel,
+            org.pinned_build_id,
+            json.dumps(dict(org.version_pins), sort_keys=True),
+            int(org.approval_required),
+            isoformat(org.created_at),
+            isoformat(org.updated_at),
+        ),
+    )
+
+
+async def _insert_heartbeats(db: aiosqlite.Connection, heartbeats: Sequence[Heartbeat]) -> None:
+    for heartbeat in heartbeats:
+        if heartbeat.new_org is not None:
+            await db.execute(
+                "INSERT INTO orgs (org_id, channel, created_at, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (org_id) DO NOTHING",
+                (
+                    heartbeat.new_org.org_id,
+                    heartbeat.new_org.channel,
+                    isoformat(heartbeat.received_at),
+                    isoformat(heartbeat.received_at),
+                ),
+            )
+    await db.executemany(
+        "INSERT INTO runners (runner_id, org_id, boot_id, build_id, runtimes, started, failed,"
+        " disconnected, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (runner_id) DO UPDATE SET org_id = excluded.org_id,"
+        " boot_id = excluded.boot_id, build_id = excluded.build_id,"
+        " runtimes = excluded.runtimes, started = excluded.started, failed = excluded.failed,"
+        " disconnected = excluded.disconnected, last_seen_at = excluded.last_seen_at",
+        [
+            (
+                h.runner.runner_id,
+                h.runner.org_id,
+                h.runner.boot_id,
+                h.runner.build_id,
+                json.dumps(dict(h.runtimes), sort_keys=True),
+                h.runner.started,
+                h.runner.failed,
+                h.runner.disconnected,
+                isoformat(h.received_at),
+            )
+            for h in heartbeats
+        ],
+    )
+    await db.executemany(
+        "INSERT INTO session_counts (rollout_id, stage, org_id, build_id, hour, started,"
+        " failed, disconnected) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (rollout_id, stage, org_id, build_id, hour) DO UPDATE SET"
+        " started = started + excluded.started, failed = failed + excluded.failed,"
+        " disconnected = disconnected + excluded.disconnected",
+        [
+            (
+                h.rollout_id,
+                h.stage,
+                h.runner.org_id,
+                h.runner.build_id or "",
+                _hour(h.received_at),
+                *h.new_sessions,
+            )
+            for h in heartbeats
+            if any(h.new_sessions)
+        ],
+    )
+
+
+def _org(row: sqlite3.Row) -> Org:
+    return Org(
+        org_id=row["org_id"],
+        channel=row["channel"],
+        pinned_build_id=row["pinned_build_id"],
+        version_pins=json.loads(row["version_pins"]),
+        approval_required=bool(row["approval_required"]),
+        created_at=parse_iso(row["created_at"]),
+        updated_at=parse_iso(row["updated_at"]),
+    )
 
 
 def _settle(waiting: Sequence[tuple[Delivery, asyncio.Future[bool]]], exc: Exception) -> None:

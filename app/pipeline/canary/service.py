@@ -120,6 +120,9 @@ class CanaryService:
         # Set when the GitHub App is configured: check runs and workflow dispatches.
         self.reporter: CanaryReporter | None = None
         self.effects_written: Callable[[], None] = lambda: None
+        # Told when builds, their known-good providers or channels change (the fleet's
+        # in-memory view of them).
+        self.listeners: list[Callable[[], None]] = []
 
     def _new_run(self, build: BuildRecord, attempt: int, ref: str | None) -> NewCanaryRun:
         on_github = self.reporter is not None and build.repository is not None
@@ -139,6 +142,8 @@ class CanaryService:
 
     def _delivered(self, events: Sequence[EventRecord], effects: Sequence[NewEffect]) -> None:
         self.bus.deliver(events)
+        for listener in self.listeners:
+            listener()
         if effects:
             self.effects_written()
         self.wake.set()
@@ -355,7 +360,7 @@ class CanaryService:
             set_by=by,
             keep_events=self.bus.keep,
         )
-        self.bus.deliver(events)
+        self._delivered(events, ())
         log.info("channel %s now recommends %s (%s, by %s)", channel, build_id, reason, by)
         return record
 
