@@ -45,8 +45,8 @@ class Access(enum.StrEnum):
     # GitHub's deliveries: no bearer token; the handler checks the HMAC signature itself.
     GITHUB_SIGNATURE = "github-signature"
     # An admin token, or a GitHub Actions OIDC token of the workflow the route trusts:
-    # the route wrapper checks API tokens, the handler checks an OIDC token itself
-    # (what it must prove depends on the resource).
+    # the route wrapper checks both, the OIDC token through the route's workflow_auth
+    # (what it must prove depends on the route), before the body is read.
     ADMIN_OR_WORKFLOW = "admin-or-workflow"
 
     def allows(self, role: Role) -> bool:

@@ -229,7 +229,7 @@ class _Reader:
             runtime_manifest=self.get(
                 "UPDATE_PIPELINE_RUNTIME_MANIFEST", _repo_path, d.runtime_manifest
             ),
-            public_url=self.get("UPDATE_PIPELINE_PUBLIC_URL", _base_url, d.public_url),
+            public_url=self.get("UPDATE_PIPELINE_PUBLIC_URL", _public_url, d.public_url),
             canary_workflow=self.get(
                 "UPDATE_PIPELINE_CANARY_WORKFLOW", _workflow_file, d.canary_workflow
             ),
@@ -316,6 +316,14 @@ def _repo_name(text: str) -> str:
     if not _REPO.match(name) or name.endswith(("/.", "/..")):
         raise ValueError(f"{text!r} is not a repository as owner/name")
     return name
+
+
+def _public_url(text: str) -> str:
+    url = _base_url(text)
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise ValueError(f"{text!r}: a base URL, without a query or fragment")
+    return url
 
 
 def _repo_path(text: str) -> str:

@@ -424,3 +424,45 @@ async def test_the_re_run_button_starts_a_new_run(
     data["repository"] = {**data["repository"], "full_name": REPO}
     await runner.deliver("check_run", data)
     assert len(runner.dispatched()) == (2 if reruns else 1)
+
+
+async def test_reopening_a_forks_pull_request_adds_no_second_notice(runner: Runner) -> None:
+    data = runner.open_pull(fork=True)
+    await runner.deliver("pull_request", data)
+    again = copy.deepcopy(data)
+    again["action"] = "reopened"
+    await runner.deliver("pull_request", again)
+    assert len(runner.github.repo(REPO).check_runs) == 1
+
+
+@pytest.mark.parametrize(
+    ("manifest", "problem"),
+    [
+        (None, "is not in commit"),
+        ("{not json", "is not JSON"),
+        ('{"aider": "1.0.0"}', "names none of the configured providers"),
+        ('{"codex": "latest"}', "not a version"),
+    ],
+)
+async def test_an_unusable_manifest_fails_the_check_and_starts_no_canary(
+    runner: Runner, manifest: str | None, problem: str
+) -> None:
+    data = runner.open_pull()
+    files = runner.github.repo(REPO).files
+    if manifest is None:
+        del files[(SHA, "runtimes.json")]
+    else:
+        files[(SHA, "runtimes.json")] = manifest.encode()
+    await runner.deliver("pull_request", data)
+    (check,) = runner.github.repo(REPO).check_runs.values()
+    assert check["conclusion"] == "failure"
+    assert problem in check["output"]["summary"]
+    assert runner.dispatched() == []
+
+
+async def test_every_result_of_a_run_can_be_read_back(runner: Runner, api: Api) -> None:
+    await runner.deliver("pull_request", runner.open_pull())
+    await runner.report(passing())
+    response, body = await api.get(f"/canary/{BUILD}/results", token=await api.token("admin"))
+    assert response.status == 200
+    assert body["attempt"] == 1 and len(body["results"]) == 40

@@ -301,7 +301,7 @@ def test_ten_thousand_failing_tests_are_cut_to_fit() -> None:
     assert lines[-2] == ""
     left_out = re.fullmatch(
         r"_… and ([\d,]+) more failed or errored tests were left out \(GitHub's size"
-        r" limit\); the full list is in the \[metrics API\]\(<(.+)>\)\._",
+        r" limit\); the full list is at the `/results` beside the \[metrics API\]\(<(.+)>\)\._",
         lines[-1],
     )
     assert left_out is not None
@@ -313,7 +313,7 @@ def test_ten_thousand_failing_tests_are_cut_to_fit() -> None:
 
     # Without a link the note still says where the list is.
     plain = outcome(results, versions={"codex": "0.46.0"}, metrics_url=None)
-    assert plain.text.splitlines()[-1].endswith("the full list is in the metrics API._")
+    assert plain.text.splitlines()[-1].endswith("`/results` beside the metrics API._")
 
 
 def test_cutting_is_exact_around_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:

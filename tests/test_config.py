@@ -549,6 +549,8 @@ def test_a_providers_file_adds_providers_and_its_problems_name_variable_and_line
         ("UPDATE_PIPELINE_CANARY_MAX_DISCONNECT_RATE", "nan"),
         ("UPDATE_PIPELINE_CANARY_TIMEOUT", "0s"),
         ("UPDATE_PIPELINE_OIDC_AUDIENCE", "two words"),
+        ("UPDATE_PIPELINE_PUBLIC_URL", "https://pipeline.example.com/?x=1"),
+        ("UPDATE_PIPELINE_RUNTIME_MANIFEST", "../runtimes.json"),
     ],
 )
 def test_canary_settings_are_checked_at_start(variable: str, raw: str) -> None:

@@ -184,6 +184,19 @@ async def get_metrics(call: Call) -> web.StreamResponse:
     )
 
 
+async def get_results(call: Call) -> web.StreamResponse:
+    try:
+        build, run = await call.services.canary.build(call.path["buildId"])
+    except CanaryError as exc:
+        raise canary_error(exc) from None
+    if run is None:
+        raise ApiError(404, "NOT_FOUND", f"build {build.build_id} has no canary run")
+    results = await call.services.store.canary_results(run.id)
+    return json_response(
+        {"buildId": build.build_id, "attempt": run.attempt, "results": results or []}
+    )
+
+
 ROUTES = [
     Route(
         "POST",
@@ -213,6 +226,25 @@ ROUTES = [
         "getCanaryMetrics",
         "A build's canary verdict and metrics (design section 7.3), per provider too",
         REPORT_SCHEMA,
+        errors={404: "No build has this id."},
+        tag="canary",
+    ),
+    Route(
+        "GET",
+        "/canary/{buildId}/results",
+        Access.ADMIN,
+        get_results,
+        "getCanaryResults",
+        "Every test result the latest canary run of a build was judged on",
+        {
+            "type": "object",
+            "required": ["buildId", "attempt", "results"],
+            "properties": {
+                "buildId": {"type": "string"},
+                "attempt": {"type": "integer"},
+                "results": {"type": "array", "items": RESULT_SCHEMA},
+            },
+        },
         errors={404: "No build has this id."},
         tag="canary",
     ),

@@ -271,10 +271,15 @@ async def _manifest_versions(
     client = context.github.installation(installation_id)
     owner, _, name = repo.partition("/")
     path = context.settings.runtime_manifest
-    document = await client.getitem(
-        "/repos/{owner}/{repo}/contents/{path}{?ref}",
-        {"owner": owner, "repo": name, "path": path, "ref": sha},
-    )
+    try:
+        document = await client.getitem(
+            "/repos/{owner}/{repo}/contents/{path}{?ref}",
+            {"owner": owner, "repo": name, "path": path, "ref": sha},
+        )
+    except BadRequest as exc:
+        if exc.status_code == 404:  # the change deleted or renamed it
+            raise CanaryError(f"{path} is not in commit {sha[:12]}") from None
+        raise
     try:
         text = base64.b64decode(document.get("content", "")).decode("utf-8")
         data = json.loads(text)
@@ -292,6 +297,10 @@ async def _manifest_versions(
             versions[provider] = Version(str(version)).canonical
         except ValueError:
             raise CanaryError(f"{path}: {provider} has {version!r}, not a version") from None
+    if not versions:
+        raise CanaryError(
+            f"{path} names none of the configured providers ({', '.join(sorted(known))})"
+        )
     return versions, text
 
 
@@ -359,12 +368,12 @@ async def pull_request_changed(event: sansio.Event, context: WebhookContext) -> 
     if not await _touches_manifest(context, installation_id, repo, number):
         return
     if (head.get("repo") or {}).get("full_name", "").lower() != repo.lower():
-        context.effects.append(_fork_notice(installation_id, repo, sha))
+        await _notice(context, _fork_notice(installation_id, repo, sha))
         return
     try:
         build = await _start(context, installation_id, repo, sha, str(head["ref"]))
     except CanaryError as exc:
-        context.effects.append(_manifest_problem(installation_id, repo, sha, str(exc)))
+        await _notice(context, _manifest_problem(installation_id, repo, sha, str(exc)))
         return
     if build is None:
         return
@@ -441,6 +450,14 @@ async def workflow_completed(event: sansio.Event, context: WebhookContext) -> No
     await context.canary.workflow_finished(
         str(workflow_run["id"]), keys, workflow_run.get("conclusion")
     )
+
+
+async def _notice(context: WebhookContext, effect: NewEffect) -> None:
+    """A one-off check run (fork, bad manifest) for a commit: made once, however often
+    the pull request is reopened or the event redelivered."""
+    assert context.canary is not None
+    if not await context.canary.store.effect_exists(effect.target, effect.kind):
+        context.effects.append(effect)
 
 
 def _fork_notice(installation_id: int, repo: str, sha: str) -> NewEffect:

@@ -1104,6 +1104,13 @@ class SqliteStore:
         )
         return json.loads(value) if value else None
 
+    async def effect_exists(self, target: str, kind: str) -> bool:
+        """Whether an entry of this kind for ``target`` was ever queued (applied or not)."""
+        value = await _scalar(
+            self._r, "SELECT 1 FROM outbox WHERE target = ? AND kind = ? LIMIT 1", (target, kind)
+        )
+        return value is not None
+
     async def outbox_stats(self) -> OutboxStats:
         async with self._snapshot_lock:
             db = self._s

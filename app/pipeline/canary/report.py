@@ -247,7 +247,9 @@ def _summary(
         lines += _metrics_table(verdict.metrics, thresholds)
         lines += _providers_table(verdict, runtime_versions)
     if link is not None:
-        lines.append(f"Full metrics and every test result: [metrics API]({link})")
+        lines.append(
+            f"Full metrics, and every test result at its `/results`: [metrics API]({link})"
+        )
     while lines and not lines[-1]:
         lines.pop()
 
@@ -336,7 +338,7 @@ def _text(results: Sequence[TestResult], link: str | None) -> str:
         more = f"{tests:,} more failed or errored test" + (" was" if tests == 1 else "s were")
         return (
             f"_{ELLIPSIS} and {more} left out (GitHub's size limit);"
-            f" the full list is in {_api(link)}._"
+            f" the full list is at the `/results` beside {_api(link)}._"
         )
 
     return _fit(lines, len(head) + len(failed), note, keep_first=len(head))

@@ -125,7 +125,12 @@ class CanaryService:
         self.listeners: list[Callable[[], None]] = []
 
     def _new_run(self, build: BuildRecord, attempt: int, ref: str | None) -> NewCanaryRun:
-        on_github = self.reporter is not None and build.repository is not None
+        # A check run needs a commit to sit on.
+        on_github = (
+            self.reporter is not None
+            and build.repository is not None
+            and build.commit_sha is not None
+        )
         return NewCanaryRun(
             self.clock.now() + self.timeout,
             ref=ref,
