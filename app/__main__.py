@@ -1,4 +1,4 @@
-"""The update-pipeline command: serve, migrate, and manage API tokens."""
+"""The update-pipeline command: serve, migrate, manage API tokens, and simulate a fleet."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from app import __version__
 from app.auth import Role, TokenService, TokenSpec, TokenSpecError, token_state
 from app.clock import Clock, isoformat
 from app.config import DURATION_HELP, ConfigError, Settings, parse_duration, parse_port
+from app.fleet.simulator import add_arguments as add_simulate_arguments
 from app.logs import configure
 from app.store import Conflict, InstanceLock, SqliteStore, StoreError, TokenRecord
 from app.store.migrations import LATEST_SCHEMA
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = token_commands.add_parser("revoke", help="revoke the live token with this name")
     revoke.add_argument("name")
     revoke.add_argument("--db", type=Path, help=db_help)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="play a fleet of runners sending heartbeats to a running service",
+        description="Play N runners sending heartbeats to the service at --url, obeying its "
+        "answers (switching builds), with a live progress line on stderr and a summary at "
+        "the end. Exits 1 when no heartbeat succeeded.",
+    )
+    add_simulate_arguments(simulate)
     return parser
 
 
@@ -110,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _serve(settings)
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
+        elif args.command == "simulate":
+            _simulate(args)
         else:
             asyncio.run(_token(args, settings))
     # OSError: the database's folder is missing or read-only; the operator needs the
@@ -140,6 +152,18 @@ def _serve(settings: Settings) -> None:
         asyncio.run(serve(settings))
     except ServeError as exc:
         raise CommandError(str(exc)) from None
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    # Imported here so the other commands do not pay for loading aiohttp.
+    from app.fleet.simulator import SimulatorError, options_from_args, simulate
+
+    try:
+        report = asyncio.run(simulate(options_from_args(args)))
+    except SimulatorError as exc:
+        raise CommandError(str(exc)) from None
+    if not report.succeeded:
+        raise CommandError("no heartbeat succeeded")
 
 
 CLI_ACTOR = "command line"

@@ -238,3 +238,25 @@ async def test_session_counts_older_than_the_retention_are_pruned(
     await send(api, runner_token, beat(9))
     await retention(api.services.fleet).work()
     assert counted(db_path) == (4, 0, 0)
+
+
+async def test_the_simulator_drives_the_real_service(api: Api, db_path: Path) -> None:
+    from app.fleet.simulator import Simulator, SimulatorOptions
+
+    admin = await api.token("admin")
+    await known_good(api, "build-new", codex="0.47.0")
+    await api.request(
+        "PUT", "/channels/stable", token=admin, json={"buildId": "build-new", "reason": "go"}
+    )
+    url = str(api.client.make_url("/")).rstrip("/")
+    options = SimulatorOptions(
+        url=url, token=admin, runners=30, orgs=5, interval=0.05, duration=1.0, seed=7
+    )
+    api.services.fleet.poll_after_seconds = 0  # let the runners beat as often as asked
+    report = await Simulator(options).run()
+    assert report.succeeded and report.heartbeats.failed == 0
+    # Every runner obeyed the recommendation: it restarted onto the new build.
+    assert report.fleet == {"build-new": 30}
+    _, fleet = await api.get("/fleet", token=admin)
+    assert fleet["builds"]["build-new"]["runners"] == 30
+    assert counted(db_path)[0] > 0

@@ -76,6 +76,7 @@ class Fleet:
         self._state: _State | None = None
         self._loading: asyncio.Lock = asyncio.Lock()
         self._runners: LRUCache[str, RunnerState] = LRUCache(maxsize=RUNNER_CACHE)
+        self.poll_after_seconds = POLL_AFTER_SECONDS
 
     # -- the in-memory state ------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class Fleet:
                 del state.orgs[report.org_id]
             raise
         desired = self.desired_build(org, report.build_id, state)
-        return Instruction(desired, org.channel, None, counted=counted)
+        return Instruction(desired, org.channel, None, self.poll_after_seconds, counted=counted)
 
     def desired_build(self, org: Org, reported: str | None, state: _State) -> str | None:
         """Pinned orgs get their pin, and nothing else moves them; enterprise orgs get
