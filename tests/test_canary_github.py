@@ -466,3 +466,17 @@ async def test_every_result_of_a_run_can_be_read_back(runner: Runner, api: Api) 
     response, body = await api.get(f"/canary/{BUILD}/results", token=await api.token("admin"))
     assert response.status == 200
     assert body["attempt"] == 1 and len(body["results"]) == 40
+
+
+async def test_reverting_the_manifest_change_ends_the_pull_requests_canary(
+    runner: Runner,
+) -> None:
+    data = runner.open_pull()
+    await runner.deliver("pull_request", data)
+    runner.github.repo(REPO).pull_files[data["number"]] = []  # the change was reverted
+    moved = copy.deepcopy(data)
+    moved["action"] = "synchronize"
+    moved["pull_request"]["head"]["sha"] = NEXT_SHA
+    await runner.deliver("pull_request", moved)
+    assert runner.check_run(BUILD)["conclusion"] == "cancelled"
+    assert await runner.api.services.store.pull_request_build(REPO, data["number"]) is None

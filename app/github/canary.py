@@ -366,6 +366,15 @@ async def pull_request_changed(event: sansio.Event, context: WebhookContext) -> 
     head = pull["head"]
     sha = str(head["sha"])
     if not await _touches_manifest(context, installation_id, repo, number):
+        # The pull request no longer changes the runtimes (the change was reverted): its
+        # earlier build is not what it would ship, and /canary must not run it again.
+        previous = await context.canary.store.forget_pull_request_build(repo, number)
+        if previous is not None:
+            _, run = await context.canary.build(previous)
+            if run is not None and run.state in ("pending", "running"):
+                await context.canary.supersede(
+                    run, reason=f"the pull request no longer changes the manifest ({sha[:12]})"
+                )
         return
     if (head.get("repo") or {}).get("full_name", "").lower() != repo.lower():
         await _notice(context, _fork_notice(installation_id, repo, sha))

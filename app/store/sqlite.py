@@ -465,6 +465,19 @@ class SqliteStore:
             )
         return str(before[0]) if before else None
 
+    async def forget_pull_request_build(self, repository: str, number: int) -> str | None:
+        """The pull request no longer carries a build; the one it carried."""
+        async with (
+            self._transaction() as db,
+            db.execute(
+                "DELETE FROM pull_request_builds WHERE repository = ? AND number = ?"
+                " RETURNING build_id",
+                (repository.lower(), number),
+            ) as cursor,
+        ):
+            row = await cursor.fetchone()
+        return str(row[0]) if row else None
+
     async def pull_request_build(self, repository: str, number: int) -> str | None:
         value = await _scalar(
             self._r,
