@@ -79,8 +79,9 @@ def test_only_what_is_new_within_a_boot_counts() -> None:
     assert new_sessions(last, report(10, 2, 1)) == (0, 0, 0)  # a duplicate
     assert new_sessions(last, report(15, 2, 3)) == (5, 0, 2)
     assert new_sessions(last, report(4, 0, 0, boot="b-2")) == (4, 0, 0)  # a restart
-    # Going back within a boot can only be an unannounced restart: all of it is new.
-    assert new_sessions(last, report(3, 0, 0)) == (3, 0, 0)
+    # Going back within a boot: an old heartbeat arriving late; it counts nothing.
+    assert new_sessions(last, report(3, 0, 0)) is None
+    assert new_sessions(last, report(12, 1, 1)) is None
 
 
 async def test_duplicates_retries_and_restarts_count_each_session_once(
@@ -91,6 +92,26 @@ async def test_duplicates_retries_and_restarts_count_each_session_once(
     await send(api, runner_token, beat(14, 1, 2))
     await send(api, runner_token, beat(3, 0, 0, boot="b-2"))  # the runner restarted
     assert counted(db_path) == (17, 1, 2)
+
+
+async def test_an_old_heartbeat_arriving_late_counts_nothing_and_says_so(
+    api: Api, runner_token: str, db_path: Path
+) -> None:
+    for started in (10, 12):
+        await send(api, runner_token, beat(started))
+    status, answer = await send(api, runner_token, beat(10))  # delayed, out of order
+    assert status == 200
+    assert any("went back" in w for w in answer["warnings"])
+    await send(api, runner_token, beat(15))
+    assert counted(db_path) == (15, 0, 0)
+
+
+async def test_runner_ids_are_per_org(api: Api, db_path: Path) -> None:
+    admin = await api.token("admin")
+    for org in ("org-a", "org-b"):
+        for started in (5, 10):
+            await send(api, admin, beat(started, org=org, runner="runner-1"))
+    assert counted(db_path) == (20, 0, 0)
 
 
 async def test_concurrent_duplicates_count_once(api: Api, runner_token: str, db_path: Path) -> None:
@@ -124,6 +145,7 @@ async def test_a_runner_token_reports_only_for_its_org(api: Api, runner_token: s
         ({"sessions": {"started": 1, "failed": 0}}, "disconnected"),
         ({"sessions": {"started": 10**12, "failed": 0, "disconnected": 0}}, "started"),
         ({"unexpected": 1}, "unexpected"),
+        ({"buildId": ""}, "buildId"),
     ],
 )
 async def test_a_malformed_heartbeat_is_refused_naming_the_field(
@@ -199,6 +221,14 @@ async def test_org_writes_are_validated(api: Api) -> None:
         "PUT", "/orgs/o", token=await api.token("viewer"), json={"channel": "stable"}
     )
     assert response.status == 403
+    response, body = await api.request(
+        "PUT", "/orgs/new%20org", token=admin, json={"channel": "stable"}
+    )
+    assert response.status == 400 and "orgId" in body["error"]["message"]
+    response, body = await api.request(
+        "PUT", "/orgs/o", token=admin, json={"channel": "stable", "versionPins": {"aider": "1."}}
+    )
+    assert response.status == 400 and "aider" in body["error"]["message"]
 
 
 async def test_orgs_are_created_on_their_first_heartbeat_and_listed(
@@ -222,10 +252,12 @@ async def test_the_fleet_view_counts_runners_per_channel_and_build(api: Api) -> 
     await send(api, admin, beat(1, org="a", runner="r-1", build="build-x"))
     await send(api, admin, beat(1, org="a", runner="r-2", build="build-x"))
     await send(api, admin, beat(1, org="b", runner="r-3", build="build-y"))
+    await send(api, admin, beat(1, org="b", runner="r-4", build=None))
     _, body = await api.get("/fleet", token=await api.token("viewer"))
+    assert body["channels"]["stable"]["noBuild"] == 1
     assert body["builds"]["build-x"]["runners"] == 2
     assert body["builds"]["build-x"]["orgs"] == 1
-    assert body["channels"]["stable"]["runners"] == 3
+    assert body["channels"]["stable"]["runners"] == 4
 
 
 async def test_session_counts_older_than_the_retention_are_pruned(
@@ -238,6 +270,10 @@ async def test_session_counts_older_than_the_retention_are_pruned(
     await send(api, runner_token, beat(9))
     await retention(api.services.fleet).work()
     assert counted(db_path) == (4, 0, 0)
+    clock.advance(timedelta(days=8))  # the runner went quiet: it leaves the fleet view
+    await retention(api.services.fleet).work()
+    _, fleet = await api.get("/fleet", token=await api.token("viewer"))
+    assert fleet["builds"] == {}
 
 
 async def test_the_simulator_drives_the_real_service(api: Api, db_path: Path) -> None:

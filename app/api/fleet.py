@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
@@ -12,9 +13,11 @@ from app.auth import Access, Role
 from app.clock import isoformat
 from app.fleet.service import Report
 from app.pipeline import CHANNELS, VERSION_WATCHER
+from app.pipeline.canary.service import BUILD_ID_PATTERN
 from app.pipeline.version.semver import Version
 from app.store import Org
 
+ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # as _ID below allows
 _ID = {
     "type": "string",
     "minLength": 1,
@@ -30,7 +33,7 @@ HEARTBEAT_BODY: dict[str, Any] = {
         "runnerId": _ID,
         "orgId": _ID,
         "bootId": _ID,
-        "buildId": {"type": ["string", "null"], "maxLength": 100},
+        "buildId": {"type": ["string", "null"], "pattern": BUILD_ID_PATTERN},
         "runtimes": {
             "type": "object",
             "maxProperties": 20,
@@ -123,7 +126,7 @@ async def heartbeat(call: Call) -> web.StreamResponse:
             "channel": instruction.channel,
             "rolloutId": instruction.rollout_id,
             "pollAfterSeconds": instruction.poll_after_seconds,
-            "warnings": warnings,
+            "warnings": [*warnings, *instruction.warnings],
         }
     )
 
@@ -189,6 +192,8 @@ async def get_org(call: Call) -> web.StreamResponse:
 
 async def put_org(call: Call) -> web.StreamResponse:
     body = call.body
+    if not ORG_ID.fullmatch(call.path["orgId"]):
+        raise ApiError(400, "VALIDATION_FAILED", "orgId: not an org id a runner could send")
     try:
         org = await call.services.fleet.set_org(
             call.path["orgId"],
@@ -207,9 +212,12 @@ async def fleet(call: Call) -> web.StreamResponse:
     channels: dict[str, dict[str, Any]] = {}
     builds: dict[str, dict[str, Any]] = {}
     for row in rows:
-        build = row["build_id"] or "unknown"
-        channel = channels.setdefault(row["channel"], {"runners": 0, "builds": {}})
+        channel = channels.setdefault(row["channel"], {"runners": 0, "noBuild": 0, "builds": {}})
         channel["runners"] += row["runners"]
+        build = row["build_id"]
+        if build is None:  # runners that report no build yet
+            channel["noBuild"] += row["runners"]
+            continue
         channel["builds"][build] = {
             "runners": row["runners"],
             "orgs": row["orgs"],

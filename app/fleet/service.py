@@ -55,16 +55,17 @@ class _State:
     good_builds: list[BuildRecord] = field(default_factory=list)  # newest first
 
 
-def new_sessions(last: RunnerState | None, report: Report) -> tuple[int, int, int]:
+def new_sessions(last: RunnerState | None, report: Report) -> tuple[int, int, int] | None:
     """What a heartbeat adds: the positive difference from the last heartbeat of the same
-    boot. A new boot starts from zero. Counters that go back within a boot can only mean
-    the runner restarted without saying so: they count as a new boot (all of them)."""
+    boot; a new boot starts from zero. None when a counter went back within a boot: that
+    is an old heartbeat arriving late (or a runner that restarted without a new bootId),
+    and counting it as a new boot would count its sessions twice."""
     now = (report.started, report.failed, report.disconnected)
     if last is None or last.boot_id != report.boot_id:
         return now
     before = (last.started, last.failed, last.disconnected)
     if any(n < b for n, b in zip(now, before, strict=True)):
-        return now
+        return None
     return (now[0] - before[0], now[1] - before[1], now[2] - before[2])
 
 
@@ -75,10 +76,14 @@ class Fleet:
         self.settings = settings
         self._state: _State | None = None
         self._loading: asyncio.Lock = asyncio.Lock()
-        self._runners: LRUCache[str, RunnerState] = LRUCache(maxsize=RUNNER_CACHE)
+        self._runners: LRUCache[tuple[str, str], RunnerState] = LRUCache(maxsize=RUNNER_CACHE)
         self.poll_after_seconds = POLL_AFTER_SECONDS
 
     # -- the in-memory state ------------------------------------------------------------
+
+    def forget_runners(self) -> None:
+        """Drop the remembered counters (after old runners were pruned from the store)."""
+        self._runners.clear()
 
     def invalidate(self) -> None:
         """Orgs, channels or known-good builds changed: reload before the next answer."""
@@ -111,11 +116,22 @@ class Fleet:
             org = Org(report.org_id, "stable", None, {}, False, now, now)
             state.orgs[report.org_id] = org
             new_org = org
-        last = self._runners.get(report.runner_id)
+        key = (report.org_id, report.runner_id)
+        last = self._runners.get(key)
         if last is None:
-            last = await self.store.runner_state(report.runner_id)
-            last = self._runners.get(report.runner_id, last)  # another heartbeat won
+            last = await self.store.runner_state(report.org_id, report.runner_id)
+            last = self._runners.get(key, last)  # another heartbeat won
         counted = new_sessions(last, report)
+        if counted is None:
+            assert last is not None
+            desired = self.desired_build(org, report.build_id, state)
+            warning = (
+                f"sessions: counters went back within boot {report.boot_id[:128]!r}; not"
+                " counted (an old heartbeat arriving late, or a restart without a new bootId)"
+            )
+            return Instruction(
+                desired, org.channel, None, self.poll_after_seconds, warnings=(warning,)
+            )
         runner = RunnerState(
             report.runner_id,
             report.org_id,
@@ -127,17 +143,17 @@ class Fleet:
         )
         # Updated before the write is awaited, so a concurrent duplicate of this heartbeat
         # counts nothing; put back if the write fails (its sender will retry).
-        self._runners[report.runner_id] = runner
+        self._runners[key] = runner
         try:
             await self.store.add_heartbeat(
                 Heartbeat(runner, report.runtimes, now, counted, new_org=new_org)
             )
         except BaseException:
-            if self._runners.get(report.runner_id) is runner:
+            if self._runners.get(key) is runner:
                 if last is None:
-                    self._runners.pop(report.runner_id, None)
+                    self._runners.pop(key, None)
                 else:
-                    self._runners[report.runner_id] = last
+                    self._runners[key] = last
             if new_org is not None and state.orgs.get(report.org_id) is new_org:
                 del state.orgs[report.org_id]
             raise
@@ -171,6 +187,9 @@ class Fleet:
         """Set an org's configuration as a whole (PUT); ValueError names a bad field."""
         if channel not in CHANNELS:
             raise ValueError(f"channel: {channel!r} is not one of {', '.join(CHANNELS)}")
+        unknown = sorted(set(version_pins) - {p.id for p in self.settings.providers})
+        if unknown:
+            raise ValueError(f"versionPins: unknown provider(s) {', '.join(unknown)}")
         if pinned_build_id is not None and await self.store.get_build(pinned_build_id) is None:
             raise ValueError(f"pinnedBuildId: no build {pinned_build_id!r}")
         if pinned_build_id is not None and version_pins:
@@ -205,6 +224,7 @@ def retention(fleet: Fleet) -> Periodic:
     async def prune() -> None:
         cutoff = fleet.clock.now() - fleet.settings.heartbeat_retention
         pruned = await fleet.store.prune_sessions(cutoff)
+        fleet.forget_runners()
         if pruned:
             log.info("pruned %d hourly session counts older than %s", pruned, cutoff)
 

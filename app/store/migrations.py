@@ -346,4 +346,33 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        9,
+        "runners per org",
+        """
+        -- A runner id is unique within its org, not across the fleet: two orgs may both
+        -- have a runner-1, and neither's heartbeats may touch the other's counters.
+        CREATE TABLE runners_by_org (
+            org_id       TEXT NOT NULL,
+            runner_id    TEXT NOT NULL,
+            boot_id      TEXT NOT NULL,
+            build_id     TEXT,
+            runtimes     TEXT NOT NULL DEFAULT '{}',
+            started      INTEGER NOT NULL,
+            failed       INTEGER NOT NULL,
+            disconnected INTEGER NOT NULL,
+            last_seen_at TEXT NOT NULL,
+            PRIMARY KEY (org_id, runner_id)
+        );
+        INSERT INTO runners_by_org SELECT org_id, runner_id, boot_id, build_id, runtimes,
+            started, failed, disconnected, last_seen_at FROM runners;
+        DROP TABLE runners;
+        ALTER TABLE runners_by_org RENAME TO runners;
+        CREATE INDEX runners_build ON runners (build_id);
+        CREATE INDEX runners_last_seen ON runners (last_seen_at);
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

@@ -521,11 +521,11 @@ class SqliteStore:
             self._heartbeat_queue = []
             raise
 
-    async def runner_state(self, runner_id: str) -> RunnerState | None:
+    async def runner_state(self, org_id: str, runner_id: str) -> RunnerState | None:
         async with self._r.execute(
             "SELECT runner_id, org_id, boot_id, build_id, started, failed, disconnected"
-            " FROM runners WHERE runner_id = ?",
-            (runner_id,),
+            " FROM runners WHERE org_id = ? AND runner_id = ?",
+            (org_id, runner_id),
         ) as cursor:
             row = await cursor.fetchone()
         return RunnerState(*row) if row else None
@@ -563,10 +563,12 @@ class SqliteStore:
             return [dict(row) for row in await cursor.fetchall()]
 
     async def prune_sessions(self, older_than: datetime) -> int:
+        """Forget session counts, and runners not seen, since ``older_than``."""
         async with self._transaction() as db:
             cursor = await db.execute(
                 "DELETE FROM session_counts WHERE hour < ?", (_hour(older_than),)
             )
+            await db.execute("DELETE FROM runners WHERE last_seen_at < ?", (isoformat(older_than),))
             return cursor.rowcount
 
     async def get_build(self, build_id: str) -> BuildRecord | None:
@@ -1447,8 +1449,8 @@ async def _insert_heartbeats(db: aiosqlite.Connection, heartbeats: Sequence[Hear
     await db.executemany(
         "INSERT INTO runners (runner_id, org_id, boot_id, build_id, runtimes, started, failed,"
         " disconnected, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (runner_id) DO UPDATE SET org_id = excluded.org_id,"
-        " boot_id = excluded.boot_id, build_id = excluded.build_id,"
+        " ON CONFLICT (org_id, runner_id) DO UPDATE SET boot_id = excluded.boot_id,"
+        " build_id = excluded.build_id,"
         " runtimes = excluded.runtimes, started = excluded.started, failed = excluded.failed,"
         " disconnected = excluded.disconnected, last_seen_at = excluded.last_seen_at",
         [
