@@ -16,6 +16,7 @@ from app.github.oidc import OidcPolicy, OidcRejected
 from app.pipeline.canary.metrics import TEST_STATUSES, TestResult
 from app.pipeline.canary.service import CanaryError
 from app.services import Services
+from app.store import BuildRecord, CanaryRun
 
 MAX_RESULTS = 5000
 _MS = {"type": ["number", "null"], "minimum": 0, "maximum": 86_400_000}
@@ -99,7 +100,7 @@ async def post_results(call: Call) -> web.StreamResponse:
                 "UNAUTHORIZED",
                 f"the token is from workflow run {run_id}, not the run dispatched for {build_id}",
             )
-        results = [_result(r) for r in call.body["results"]]
+        results = [TestResult.from_json(r) for r in call.body["results"]]
         run, verdict = await services.canary.record_results(build_id, results, reported_by=reporter)
     except CanaryError as exc:
         raise canary_error(exc) from None
@@ -152,25 +153,18 @@ async def verify_workflow(services: Services, token: str) -> str:
     return claims.run_id
 
 
-def _result(item: dict[str, Any]) -> TestResult:
-    return TestResult(
-        name=item["name"],
-        provider=item["provider"],
-        status=item["status"],
-        session_start_ms=item.get("sessionStartMs"),
-        time_to_first_output_ms=item.get("timeToFirstOutputMs"),
-        disconnected=item.get("disconnected", False),
-        message=item.get("message"),
-    )
-
-
-async def get_metrics(call: Call) -> web.StreamResponse:
+async def _latest_run(call: Call) -> tuple[BuildRecord, CanaryRun]:
     try:
         build, run = await call.services.canary.build(call.path["buildId"])
     except CanaryError as exc:
         raise canary_error(exc) from None
     if run is None:
         raise ApiError(404, "NOT_FOUND", f"build {build.build_id} has no canary run")
+    return build, run
+
+
+async def get_metrics(call: Call) -> web.StreamResponse:
+    build, run = await _latest_run(call)
     return json_response(
         {
             "buildId": build.build_id,
@@ -185,12 +179,7 @@ async def get_metrics(call: Call) -> web.StreamResponse:
 
 
 async def get_results(call: Call) -> web.StreamResponse:
-    try:
-        build, run = await call.services.canary.build(call.path["buildId"])
-    except CanaryError as exc:
-        raise canary_error(exc) from None
-    if run is None:
-        raise ApiError(404, "NOT_FOUND", f"build {build.build_id} has no canary run")
+    build, run = await _latest_run(call)
     results = await call.services.store.canary_results(run.id)
     return json_response(
         {"buildId": build.build_id, "attempt": run.attempt, "results": results or []}

@@ -129,7 +129,7 @@ class GitHubCanaryReporter:
         if installation is None or run.check_key is None:
             return []
         assert build.repository is not None
-        results = [_result(r) for r in outcome.results or ()]
+        results = [TestResult.from_json(r) for r in outcome.results or ()]
         output = check_output(
             build.build_id,
             verdict,
@@ -201,18 +201,6 @@ def _rerun_action() -> dict[str, str]:
         "description": "Run this build's canary again",
         "identifier": RERUN,
     }
-
-
-def _result(item: Mapping[str, Any]) -> TestResult:
-    return TestResult(
-        name=str(item["name"]),
-        provider=str(item["provider"]),
-        status=str(item["status"]),
-        session_start_ms=item.get("sessionStartMs"),
-        time_to_first_output_ms=item.get("timeToFirstOutputMs"),
-        disconnected=bool(item.get("disconnected")),
-        message=item.get("message"),
-    )
 
 
 def cancel_workflow_run(

@@ -19,6 +19,19 @@ class TestResult:
     disconnected: bool = False
     message: str | None = None
 
+    @classmethod
+    def from_json(cls, item: Mapping[str, Any]) -> TestResult:
+        """A result as the API takes it (and stores it)."""
+        return cls(
+            name=str(item["name"]),
+            provider=str(item["provider"]),
+            status=str(item["status"]),
+            session_start_ms=item.get("sessionStartMs"),
+            time_to_first_output_ms=item.get("timeToFirstOutputMs"),
+            disconnected=bool(item.get("disconnected", False)),
+            message=item.get("message"),
+        )
+
     def as_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
