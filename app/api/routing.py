@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import fastjsonschema
 from aiohttp import web
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
@@ -128,6 +129,10 @@ def statuses(route: Route) -> dict[int, str]:
 
 def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     body_validator = Draft202012Validator(route.request) if route.request is not None else None
+    # The same schema compiled to Python code: about twenty times faster, so a valid body
+    # (the common case, heartbeats above all) costs microseconds. jsonschema has the last
+    # word on anything the fast check refuses, and says what is wrong with it.
+    fast_check = fastjsonschema.compile(dict(route.request)) if route.request is not None else None
     query_validators = {q.name: Draft202012Validator(q.schema) for q in route.query}
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
@@ -155,7 +160,8 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
         body = None
         if body_validator is not None:
             body = await read_json(request, services.settings.max_body_bytes)
-            _validate(body_validator, body, "body")
+            if not _passes(fast_check, body):
+                _validate(body_validator, body, "body")
         call = Call(request, services, principal, dict(request.match_info), query, body, workflow)
         return await route.handler(call)
 
@@ -267,6 +273,16 @@ def _coerce(value: Any, schema: Mapping[str, Any]) -> Any:
     if kind == "boolean" and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
     return value
+
+
+def _passes(check: Callable[[Any], Any] | None, value: Any) -> bool:
+    if check is None:
+        return False
+    try:
+        check(value)
+    except fastjsonschema.JsonSchemaException:
+        return False
+    return True
 
 
 def _validate(validator: Draft202012Validator, value: Any, where: str) -> None:
