@@ -951,24 +951,22 @@ def parse_count(text: str) -> int:
     return value
 
 
-def parse_probability(text: str) -> float:
+def _number_between(text: str, low: float, high: float) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 <= value <= 1:
-        raise ValueError(f"{text!r} is not a number from 0 to 1")
+    if not low <= value <= high:  # NaN is never between
+        raise ValueError(f"{text!r} is not a number from {low:g} to {high:g}")
     return value
+
+
+def parse_probability(text: str) -> float:
+    return _number_between(text, 0, 1)
 
 
 def parse_mean(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1_000_000:
-        raise ValueError(f"{text!r} is not a number from 0 to 1000000")
-    return value
+    return _number_between(text, 0, 1_000_000)
 
 
 def parse_base_url(text: str) -> str:
