@@ -141,6 +141,13 @@ class Settings:
     canary_min_pass_rate: float = 0.95
     canary_max_disconnect_rate: float = 0.05
     heartbeat_retention: timedelta = timedelta(days=7)
+    stages_stable: str = "1%:1h,10%:2h,50%:4h,100%"  # design section 6.2
+    stages_beta: str = "10%:30m,100%"
+    max_failure_rate: float = 0.10  # design section 6.1
+    max_disconnect_rate: float = 0.15
+    min_session_count: int = 100
+    max_relative_regression: float | None = None  # off unless set
+    rollback_window: timedelta = timedelta(hours=24)
     oidc_issuer: str = "https://token.actions.githubusercontent.com"
     oidc_audience: str = "update-pipeline"
 
@@ -244,6 +251,23 @@ class _Reader:
             ),
             heartbeat_retention=self.get(
                 "UPDATE_PIPELINE_HEARTBEAT_RETENTION", _positive_duration, d.heartbeat_retention
+            ),
+            stages_stable=self.get("UPDATE_PIPELINE_STAGES_STABLE", _stages, d.stages_stable),
+            stages_beta=self.get("UPDATE_PIPELINE_STAGES_BETA", _stages, d.stages_beta),
+            max_failure_rate=self.get(
+                "UPDATE_PIPELINE_MAX_FAILURE_RATE", _rate, d.max_failure_rate
+            ),
+            max_disconnect_rate=self.get(
+                "UPDATE_PIPELINE_MAX_DISCONNECT_RATE", _rate, d.max_disconnect_rate
+            ),
+            min_session_count=self.get(
+                "UPDATE_PIPELINE_MIN_SESSION_COUNT", _positive_int, d.min_session_count
+            ),
+            max_relative_regression=self.get(
+                "UPDATE_PIPELINE_MAX_RELATIVE_REGRESSION", _rate, d.max_relative_regression
+            ),
+            rollback_window=self.get(
+                "UPDATE_PIPELINE_ROLLBACK_WINDOW", _duration, d.rollback_window
             ),
             oidc_issuer=self.get("UPDATE_PIPELINE_OIDC_ISSUER", _issuer, d.oidc_issuer),
             oidc_audience=self.get("UPDATE_PIPELINE_OIDC_AUDIENCE", _audience, d.oidc_audience),
@@ -350,6 +374,19 @@ def _issuer(text: str) -> str:
     if problem is not None:
         raise ValueError(f"{text!r}: {problem}")
     return url
+
+
+def _stages(text: str) -> str:
+    # Imported here, like the issuer check: the rollout module is not needed otherwise.
+    from app.rollouts.plan import format_stages, parse_stages
+
+    return format_stages(parse_stages(text))
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def _rate(text: str) -> float:

@@ -1,0 +1,1 @@
+"""Rollouts: builds moved to the fleet stage by stage, gated on heartbeat metrics."""
