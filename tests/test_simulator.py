@@ -662,3 +662,21 @@ async def test_simulate_prints_the_summary_to_the_given_stream(serve: Serve) -> 
         handle_signals=False,
     )
     assert report.succeeded and Out.text.startswith("simulated 2 runners in 2 orgs")
+
+
+def test_the_token_can_come_from_the_environment_and_one_is_required(
+    isolated: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def without_token(url: str) -> list[str]:
+        args = simulate_args(url)
+        return [*args[:3], *args[5:]]
+
+    assert main(without_token("http://127.0.0.1:1")) == 1
+    assert "UPDATE_PIPELINE_TOKEN" in capsys.readouterr().err
+
+    service = FakeService()
+    monkeypatch.setenv("UPDATE_PIPELINE_TOKEN", TOKEN)
+    with serving_in_a_thread(service) as url:
+        code = main(without_token(url))
+    assert code == 0
+    assert service.bodies

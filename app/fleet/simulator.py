@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -998,9 +999,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--token",
-        required=True,
+        default=None,
         help="an admin token (runners may then report for many orgs), or a runner token, "
-        "which reports for its one org: give that org with --org-id",
+        "which reports for its one org: give that org with --org-id. Default: the "
+        "environment variable UPDATE_PIPELINE_TOKEN, which, unlike an argument, other "
+        "users of the machine cannot read in the process list",
     )
     add(
         "--runners",
@@ -1101,12 +1104,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> SimulatorOptions:
+    token = args.token or os.environ.get("UPDATE_PIPELINE_TOKEN", "").strip()
+    if not token:
+        raise SimulatorError(
+            "give a token: --token, or the environment variable UPDATE_PIPELINE_TOKEN"
+        )
     if args.org_id is not None and args.orgs is not None and args.orgs > 1:
         raise SimulatorError("--org-id puts every runner in one org; it cannot go with --orgs > 1")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000)
     return SimulatorOptions(
         url=args.url,
-        token=args.token,
+        token=token,
         runners=args.runners,
         orgs=args.orgs or 1,
         interval=args.interval,
