@@ -480,3 +480,15 @@ async def test_reverting_the_manifest_change_ends_the_pull_requests_canary(
     await runner.deliver("pull_request", moved)
     assert runner.check_run(BUILD)["conclusion"] == "cancelled"
     assert await runner.api.services.store.pull_request_build(REPO, data["number"]) is None
+
+
+async def test_re_running_all_checks_of_the_commit_re_runs_its_canary(runner: Runner) -> None:
+    await runner.deliver("pull_request", runner.open_pull())
+    await runner.report(passing())
+    data = payload("check_suite.rerequested.0.json")
+    data["check_suite"].update(head_sha=SHA)
+    data["repository"] = {**data["repository"], "full_name": REPO}
+    await runner.deliver("check_suite", data)
+    await runner.deliver("check_suite", copy.deepcopy(data))  # again while it runs: nothing
+    assert runner.check_run(f"{BUILD}@2")["status"] == "in_progress"
+    assert len(runner.dispatched()) == 2

@@ -436,6 +436,27 @@ async def _rerun_from_check(data: Mapping[str, Any], context: WebhookContext) ->
     await context.canary.rerun(run.build_id)
 
 
+@router.register("check_suite", action="rerequested")
+async def suite_rerequested(event: sansio.Event, context: WebhookContext) -> None:
+    """ "Re-run all checks" on a commit: the canary of the build made from it runs again."""
+    data = event.data
+    if context.canary is None or not _is_runner_repo(context, data):
+        return
+    sha = str((data.get("check_suite") or {}).get("head_sha") or "")
+    try:
+        build_id = build_id_for_commit(sha)
+    except ValueError:
+        return
+    _, latest = (
+        await context.canary.build(build_id)
+        if await context.canary.store.get_build(build_id)
+        else (None, None)
+    )
+    if latest is None or latest.state in ("pending", "running"):
+        return  # no canary for this commit, or one is going (a redelivery)
+    await context.canary.rerun(build_id)
+
+
 @router.register("workflow_run", action="completed")
 async def workflow_completed(event: sansio.Event, context: WebhookContext) -> None:
     data = event.data
