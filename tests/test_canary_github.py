@@ -329,7 +329,9 @@ async def test_a_canary_comment_re_runs_the_pull_requests_canary(runner: Runner)
     comment["issue"].update(number=data["number"], labels=[], pull_request={"url": "x"})
     comment["repository"] = {**comment["repository"], "full_name": REPO}
     await runner.deliver("issue_comment", comment)
-    assert runner.check_run(f"{BUILD}@2")["status"] == "in_progress"
+    runs = await runner.api.services.store.list_canary_runs(BUILD)
+    described = [(r.attempt, r.state, r.error) for r in runs]
+    assert runner.check_run(f"{BUILD}@2")["status"] == "in_progress", described
     assert runner.check_run(BUILD)["conclusion"] == "cancelled"
 
 
