@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gidgethub import GitHubException
 
@@ -16,9 +16,6 @@ from app.github.app import GitHubApp
 from app.logs import get_logger
 from app.pipeline.periodic import Periodic
 from app.store import Store
-
-if TYPE_CHECKING:
-    pass
 
 log = get_logger("github.redelivery")
 
