@@ -7,7 +7,7 @@ import sqlite3
 from datetime import timedelta
 
 from app.pipeline import UpdatePipeline
-from app.store import BuildRecord, FoundVersion, RolloutRecord
+from app.store import BuildRecord, FoundVersion, Rollout, RolloutChange
 from tests.conftest import START, Api, MakeApi
 
 STATUS_KEYS = {
@@ -18,6 +18,7 @@ STATUS_KEYS = {
     "activeSweeps",
     "knownVersions",
     "recommendedBuilds",
+    "frozen",
     "github",
 }
 
@@ -63,6 +64,7 @@ async def test_status_of_an_empty_pipeline_has_the_design_shape(api: Api):
         "activeSweeps": 0,
         "knownVersions": {"claude_code": None, "codex": None, "gemini_cli": None},
         "recommendedBuilds": {"stable": None, "beta": None},
+        "frozen": None,
         "github": "not configured",
     }
 
@@ -81,12 +83,19 @@ async def test_status_counts_what_the_store_holds(api: Api, db_path):
         )
     for build in ("build-aaa", "build-bbb"):
         await store.add_build(BuildRecord(build, "1.0.0", at, {"codex": "0.9.0"}), at)
-    for i, state in enumerate(["rolling_out", "paused", "pending", "completed", "rolled_back"]):
-        await store.add_rollout(
-            RolloutRecord(f"r{i}", "build-aaa", "stable", state, 10, at, at), at
-        )
-    await store.set_recommended_build("stable", "build-aaa", at)
-    await store.set_recommended_build("stable", "build-bbb", at)
+    # One active rollout per channel at most, and any number of finished ones.
+    for i, (state, channel) in enumerate(
+        [
+            ("rolling_out", "stable"),
+            ("paused", "beta"),
+            ("completed", "stable"),
+            ("rolled_back", "stable"),
+        ]
+    ):
+        rollout = Rollout(f"r{i}", "build-aaa", channel, state, "10%:1h,100%", 0, 10, at, at)
+        await store.write_rollout(RolloutChange(rollout, None, []), at, keep_events=100)
+    for build in ("build-aaa", "build-bbb"):
+        await store.set_channel("stable", build, at, reason="test", set_by="test", keep_events=9)
     # Rows in every state, written directly (sweeps have no writer yet).
     with sqlite3.connect(db_path) as db:
         db.executemany(
@@ -104,7 +113,7 @@ async def test_status_counts_what_the_store_holds(api: Api, db_path):
         )
 
     _, body = await api.get("/status", token=await api.token("admin"))
-    assert body["activeRollouts"] == 3
+    assert body["activeRollouts"] == 2
     assert body["activeCanaryTests"] == 2
     assert body["activeSweeps"] == 1
     assert body["knownVersions"] == {

@@ -104,12 +104,11 @@ async def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path):
 
 
 async def test_foreign_keys_are_enforced(store: SqliteStore):
-    from app.store import RolloutRecord
+    from app.store import Rollout, RolloutChange
 
+    rollout = Rollout("r1", "build-missing", "stable", "pending", "100%", 0, 0, START, START)
     with pytest.raises(sqlite3.IntegrityError):
-        await store.add_rollout(
-            RolloutRecord("r1", "build-missing", "stable", "pending", 0, START, START), START
-        )
+        await store.write_rollout(RolloutChange(rollout, None, []), START, keep_events=10)
 
 
 async def test_a_batch_of_tokens_is_added_whole_or_not_at_all(store: SqliteStore):

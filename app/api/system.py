@@ -58,6 +58,7 @@ STATUS_SCHEMA: dict[str, Any] = {
         "activeSweeps",
         "knownVersions",
         "recommendedBuilds",
+        "frozen",
         "github",
     ],
     "additionalProperties": False,
@@ -77,6 +78,21 @@ STATUS_SCHEMA: dict[str, Any] = {
             "required": ["stable", "beta"],
             "additionalProperties": False,
             "properties": {"stable": _NULLABLE_STRING, "beta": _NULLABLE_STRING},
+        },
+        "frozen": {
+            "oneOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["reason", "by", "at"],
+                    "properties": {
+                        "reason": {"type": "string"},
+                        "by": {"type": "string"},
+                        "at": {"type": "string", "format": "date-time"},
+                    },
+                },
+            ],
+            "description": "The global rollout freeze, when on: why, by whom, since when.",
         },
         "github": {
             "type": "string",

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from app.clock import Clock
+from app.clock import Clock, isoformat
 from app.logs import get_logger
 from app.pipeline.events import EventBus
 from app.pipeline.version.semver import newest
@@ -145,4 +145,13 @@ class UpdatePipeline:
                 p: newest(counts.versions.get(p, ()), stable=True) for p in self.providers
             },
             "recommendedBuilds": {c: counts.recommended_builds.get(c) for c in CHANNELS},
+            "frozen": (
+                {
+                    "reason": counts.frozen.reason,
+                    "by": counts.frozen.frozen_by,
+                    "at": isoformat(counts.frozen.frozen_at),
+                }
+                if counts.frozen is not None
+                else None
+            ),
         }

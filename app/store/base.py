@@ -150,16 +150,120 @@ class ChannelRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class RolloutRecord:
+class Rollout:
+    """Design section 5.2's ActiveRollout, with what a restart needs to resume it."""
+
     rollout_id: str
-    target_build_id: str
+    build_id: str
     channel: str
-    state: str
-    current_percentage: int
+    state: str  # pending, rolling_out, paused, completed, rolled_back
+    plan: str  # the stage plan it started with (later changes to the setting do not move it)
+    stage: int  # index into the plan
+    percentage: float
     started_at: datetime
-    last_updated_at: datetime
-    affected_org_ids: Sequence[str] = ()
-    error: str | None = None
+    updated_at: datetime
+    stage_started_at: datetime | None = None
+    deadline_at: datetime | None = None  # None while paused and at the last stage
+    paused_at: datetime | None = None
+    remaining_seconds: float | None = None  # of the stage's watch, kept while paused
+    previous_build_id: str | None = None  # the channel's recommendation when it started
+    replaced_build_id: str | None = None  # the recommendation its completion replaced
+    started_by: str = ""
+    forced_reason: str | None = None
+    finished_at: datetime | None = None
+    rollback: Mapping[str, Any] | None = None
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Inclusion:
+    """An org a rollout included, and the build it ran before."""
+
+    org_id: str
+    stage: int
+    included_at: datetime
+    previous_build_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    org_id: str
+    decision: str  # approved, skipped
+    decided_by: str
+    decided_at: datetime
+    voided_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    at: datetime
+    actor: str
+    action: str
+    from_state: str | None
+    to_state: str
+    stage: int
+    percentage: float
+    reason: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    id: int = 0  # set by the store
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelChange:
+    """A channel's recommendation to write with a rollout change (None clears it)."""
+
+    build_id: str | None
+    reason: str
+    set_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutChange:
+    """One rollout transition, written whole: the new row (refused if the stored one is
+    no longer ``expected_version``; None creates it), what it records and announces."""
+
+    rollout: Rollout
+    expected_version: int | None
+    history: Sequence[HistoryEntry]
+    inclusions: Sequence[Inclusion] = ()
+    approval: Approval | None = None
+    void_approvals: bool = False
+    channel: ChannelChange | None = None
+    events: Sequence[tuple[str, Mapping[str, Any]]] = ()
+
+
+class StaleRollout(Exception):
+    """A rollout changed between the read a change was made from and its write."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageSessions:
+    """Sessions counted during one stage of a rollout, for one org on one build."""
+
+    stage: int
+    org_id: str
+    build_id: str
+    started: int
+    failed: int
+    disconnected: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Where the last rollout that included an org left it."""
+
+    rollout_id: str
+    state: str  # completed or rolled_back
+    build_id: str  # the rollout's target
+    previous_build_id: str | None
+    restores: bool  # rolled back, and the channel has not been set since
+
+
+@dataclass(frozen=True, slots=True)
+class Freeze:
+    reason: str
+    frozen_by: str
+    frozen_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +383,7 @@ class StatusCounts:
     active_sweeps: int
     versions: Mapping[str, Sequence[str]]
     recommended_builds: Mapping[str, str]
+    frozen: Freeze | None = None
 
 
 class Store(Protocol):
@@ -388,8 +493,33 @@ class Store(Protocol):
     async def all_orgs(self) -> list[Org]: ...
     async def fleet_counts(self) -> list[dict[str, Any]]: ...
     async def prune_sessions(self, older_than: datetime) -> int: ...
-    async def add_rollout(self, rollout: RolloutRecord, at: datetime) -> None: ...
-    async def set_recommended_build(self, channel: str, build_id: str, at: datetime) -> None: ...
+    async def org_builds(self, org_ids: Sequence[str]) -> dict[str, str]: ...
+
+    # Rollouts
+    async def write_rollout(
+        self, change: RolloutChange, at: datetime, *, keep_events: int
+    ) -> list[EventRecord]: ...
+    async def get_rollout(self, rollout_id: str) -> Rollout | None: ...
+    async def list_rollouts(
+        self, *, state: str | None, channel: str | None, before: str | None, limit: int
+    ) -> list[Rollout]: ...
+    async def live_rollouts(self) -> list[Rollout]: ...
+    async def latest_rollout(self, channel: str) -> Rollout | None: ...
+    async def rollout_orgs(
+        self, rollout_id: str, *, after: str | None = None, limit: int | None = None
+    ) -> list[Inclusion]: ...
+    async def rollout_approvals(self, rollout_id: str) -> list[Approval]: ...
+    async def rollout_history(
+        self, rollout_id: str, *, after_id: int | None, limit: int
+    ) -> list[HistoryEntry]: ...
+    async def stage_sessions(
+        self, rollout_id: str, stage: int | None = None
+    ) -> list[StageSessions]: ...
+    async def settled_orgs(self) -> dict[str, Settled]: ...
+    async def get_freeze(self) -> Freeze | None: ...
+    async def set_freeze(
+        self, freeze: Freeze | None, at: datetime, *, by: str, keep_events: int
+    ) -> list[EventRecord]: ...
     async def status_counts(self, providers: Sequence[str]) -> StatusCounts: ...
 
     # GitHub App installations

@@ -375,4 +375,83 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        10,
+        "rollouts",
+        """
+        -- A rollout's progress, kept so a restart resumes it exactly: the stage plan it
+        -- started with, the current stage, when that stage started and when its watch
+        -- ends (no deadline while paused, with what was left of it kept aside, and
+        -- none at the last stage). Percentages may be fractional (0.5%).
+        ALTER TABLE active_rollouts ADD COLUMN plan TEXT NOT NULL DEFAULT '';
+        ALTER TABLE active_rollouts ADD COLUMN stage INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE active_rollouts ADD COLUMN stage_started_at TEXT;
+        ALTER TABLE active_rollouts ADD COLUMN deadline_at TEXT;
+        ALTER TABLE active_rollouts ADD COLUMN paused_at TEXT;
+        ALTER TABLE active_rollouts ADD COLUMN remaining_seconds REAL;
+        -- The channel's recommended build when the rollout started (the baseline), and
+        -- the one its completion replaced (restored by a rollback after completion).
+        ALTER TABLE active_rollouts ADD COLUMN previous_build_id TEXT;
+        ALTER TABLE active_rollouts ADD COLUMN replaced_build_id TEXT;
+        ALTER TABLE active_rollouts ADD COLUMN started_by TEXT NOT NULL DEFAULT '';
+        ALTER TABLE active_rollouts ADD COLUMN forced_reason TEXT;
+        ALTER TABLE active_rollouts ADD COLUMN finished_at TEXT;
+        ALTER TABLE active_rollouts ADD COLUMN rollback TEXT
+            CHECK (rollback IS NULL OR json_valid(rollback));
+        -- Bumped by every change: a change made from a stale read is refused.
+        ALTER TABLE active_rollouts ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+        CREATE UNIQUE INDEX active_rollouts_one_per_channel ON active_rollouts (channel)
+            WHERE state IN ('pending', 'rolling_out', 'paused');
+
+        -- Each org a rollout included: when, at which stage, and the build it ran
+        -- before (restored by a rollback).
+        CREATE TABLE rollout_orgs (
+            rollout_id        TEXT NOT NULL REFERENCES active_rollouts (rollout_id),
+            org_id            TEXT NOT NULL,
+            stage             INTEGER NOT NULL,
+            included_at       TEXT NOT NULL,
+            previous_build_id TEXT,
+            PRIMARY KEY (rollout_id, org_id)
+        );
+        CREATE INDEX rollout_orgs_org ON rollout_orgs (org_id, included_at);
+
+        -- Enterprise orgs' decisions on a rollout; a rollback after completion voids them.
+        CREATE TABLE rollout_approvals (
+            rollout_id TEXT NOT NULL REFERENCES active_rollouts (rollout_id),
+            org_id     TEXT NOT NULL,
+            decision   TEXT NOT NULL CHECK (decision IN ('approved', 'skipped')),
+            decided_by TEXT NOT NULL,
+            decided_at TEXT NOT NULL,
+            voided_at  TEXT,
+            PRIMARY KEY (rollout_id, org_id)
+        );
+
+        -- Every transition and command: who, when, from which state to which.
+        CREATE TABLE rollout_history (
+            id         INTEGER PRIMARY KEY,
+            rollout_id TEXT NOT NULL REFERENCES active_rollouts (rollout_id),
+            at         TEXT NOT NULL,
+            actor      TEXT NOT NULL,
+            action     TEXT NOT NULL,
+            from_state TEXT,
+            to_state   TEXT NOT NULL,
+            stage      INTEGER NOT NULL,
+            percentage REAL NOT NULL,
+            reason     TEXT,
+            details    TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(details))
+        );
+        CREATE INDEX rollout_history_rollout ON rollout_history (rollout_id, id);
+
+        -- The global freeze: while this row exists no rollout starts or advances.
+        CREATE TABLE freeze (
+            id        INTEGER PRIMARY KEY CHECK (id = 1),
+            reason    TEXT NOT NULL,
+            frozen_by TEXT NOT NULL,
+            frozen_at TEXT NOT NULL
+        );
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

@@ -17,16 +17,21 @@ import aiosqlite
 from app.clock import isoformat, parse_iso
 from app.logs import get_logger
 from app.store.base import (
+    Approval,
     BuildRecord,
     CanaryOutcome,
     CanaryRun,
+    ChannelChange,
     ChannelRecord,
     Conflict,
     Delivery,
     Effect,
     EventRecord,
     FoundVersion,
+    Freeze,
     Heartbeat,
+    HistoryEntry,
+    Inclusion,
     Installation,
     NewCanaryRun,
     NewEffect,
@@ -34,9 +39,13 @@ from app.store.base import (
     Org,
     OutboxStats,
     Repository,
-    RolloutRecord,
+    Rollout,
+    RolloutChange,
     RunnerState,
     RuntimeVersionRecord,
+    Settled,
+    StageSessions,
+    StaleRollout,
     StatusCounts,
     StoreError,
     TokenRecord,
@@ -698,29 +707,8 @@ class SqliteStore:
         keep_events: int,
     ) -> tuple[ChannelRecord, list[EventRecord]]:
         async with self._transaction() as db:
-            async with db.execute(
-                "SELECT build_id FROM recommended_builds WHERE channel = ?", (channel,)
-            ) as cursor:
-                before = await cursor.fetchone()
-            await db.execute(
-                "INSERT INTO recommended_builds (channel, build_id, updated_at, reason, set_by)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel) DO UPDATE SET"
-                " build_id = excluded.build_id, updated_at = excluded.updated_at,"
-                " reason = excluded.reason, set_by = excluded.set_by",
-                (channel, build_id, isoformat(at), reason, set_by),
-            )
-            event = await _insert_event(
-                db,
-                "channel_updated",
-                {
-                    "channel": channel,
-                    "buildId": build_id,
-                    "previousBuildId": before[0] if before else None,
-                    "reason": reason,
-                    "by": set_by,
-                },
-                at,
-                keep_events,
+            event = await _set_channel(
+                db, channel, ChannelChange(build_id, reason, set_by), at, keep_events
             )
         return ChannelRecord(channel, build_id, parse_iso(isoformat(at)), reason, set_by), [event]
 
@@ -737,35 +725,291 @@ class SqliteStore:
                 for row in await cursor.fetchall()
             ]
 
-    async def add_rollout(self, rollout: RolloutRecord, at: datetime) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO active_rollouts (id, rollout_id, target_build_id, channel, state,"
-                " current_percentage, started_at, last_updated_at, affected_org_ids, error,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    str(uuid.uuid4()),
-                    rollout.rollout_id,
-                    rollout.target_build_id,
-                    rollout.channel,
-                    rollout.state,
-                    rollout.current_percentage,
-                    isoformat(rollout.started_at),
-                    isoformat(rollout.last_updated_at),
-                    json.dumps(list(rollout.affected_org_ids)),
-                    rollout.error,
-                    isoformat(at),
-                ),
-            )
+    async def org_builds(self, org_ids: Sequence[str]) -> dict[str, str]:
+        """The build most of each org's runners last reported (orgs with none left out)."""
+        found: dict[str, str] = {}
+        for chunk in _chunks(org_ids, 500):
+            marks = ", ".join("?" * len(chunk))
+            async with self._r.execute(
+                "SELECT org_id, build_id, count(*) AS runners FROM runners"  # noqa: S608
+                f" WHERE org_id IN ({marks}) AND build_id IS NOT NULL"
+                " GROUP BY org_id, build_id ORDER BY org_id, runners DESC, build_id",
+                tuple(chunk),
+            ) as cursor:
+                for row in await cursor.fetchall():
+                    found.setdefault(row["org_id"], row["build_id"])
+        return found
 
-    async def set_recommended_build(self, channel: str, build_id: str, at: datetime) -> None:
+    # -- Rollouts ---------------------------------------------------------------------------
+
+    async def write_rollout(
+        self, change: RolloutChange, at: datetime, *, keep_events: int
+    ) -> list[EventRecord]:
+        """Write one rollout transition whole: the row (compare-and-set on its version),
+        inclusions, an approval, the channel's recommendation, history and events."""
+        r = change.rollout
+        row = (
+            r.build_id,
+            r.channel,
+            r.state,
+            r.percentage,
+            isoformat(r.started_at),
+            isoformat(r.updated_at),
+            r.plan,
+            r.stage,
+            _iso_or_none(r.stage_started_at),
+            _iso_or_none(r.deadline_at),
+            _iso_or_none(r.paused_at),
+            r.remaining_seconds,
+            r.previous_build_id,
+            r.replaced_build_id,
+            r.started_by,
+            r.forced_reason,
+            _iso_or_none(r.finished_at),
+            json.dumps(dict(r.rollback)) if r.rollback is not None else None,
+            r.version,
+        )
+        columns = (
+            "target_build_id, channel, state, current_percentage, started_at, last_updated_at,"
+            " plan, stage, stage_started_at, deadline_at, paused_at, remaining_seconds,"
+            " previous_build_id, replaced_build_id, started_by, forced_reason, finished_at,"
+            " rollback, version"
+        )
+        events: list[EventRecord] = []
         async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO recommended_builds (channel, build_id, updated_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (channel) DO UPDATE SET build_id = excluded.build_id,"
-                " updated_at = excluded.updated_at",
-                (channel, build_id, isoformat(at)),
+            if change.expected_version is None:
+                try:
+                    await db.execute(
+                        f"INSERT INTO active_rollouts (id, rollout_id, {columns}, created_at)"  # noqa: S608
+                        f" VALUES ({', '.join('?' * (len(row) + 3))})",
+                        (str(uuid.uuid4()), r.rollout_id, *row, isoformat(at)),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    if "active_rollouts.channel" in str(exc):
+                        raise Conflict(
+                            f"a rollout is already active on the {r.channel} channel", "channel"
+                        ) from None
+                    raise
+            else:
+                assignments = ", ".join(f"{c.strip()} = ?" for c in columns.split(","))
+                cursor = await db.execute(
+                    f"UPDATE active_rollouts SET {assignments}"  # noqa: S608
+                    " WHERE rollout_id = ? AND version = ?",
+                    (*row, r.rollout_id, change.expected_version),
+                )
+                if cursor.rowcount != 1:
+                    raise StaleRollout(f"rollout {r.rollout_id} changed meanwhile")
+            await db.executemany(
+                "INSERT INTO rollout_orgs (rollout_id, org_id, stage, included_at,"
+                " previous_build_id) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (rollout_id, org_id) DO NOTHING",
+                [
+                    (r.rollout_id, i.org_id, i.stage, isoformat(i.included_at), i.previous_build_id)
+                    for i in change.inclusions
+                ],
             )
+            if change.approval is not None:
+                a = change.approval
+                await db.execute(
+                    "INSERT INTO rollout_approvals (rollout_id, org_id, decision, decided_by,"
+                    " decided_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (rollout_id, org_id)"
+                    " DO UPDATE SET decision = excluded.decision,"
+                    " decided_by = excluded.decided_by, decided_at = excluded.decided_at,"
+                    " voided_at = NULL",
+                    (r.rollout_id, a.org_id, a.decision, a.decided_by, isoformat(a.decided_at)),
+                )
+            if change.void_approvals:
+                await db.execute(
+                    "UPDATE rollout_approvals SET voided_at = ? WHERE rollout_id = ?"
+                    " AND voided_at IS NULL",
+                    (isoformat(at), r.rollout_id),
+                )
+            await db.executemany(
+                "INSERT INTO rollout_history (rollout_id, at, actor, action, from_state,"
+                " to_state, stage, percentage, reason, details)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.rollout_id,
+                        isoformat(h.at),
+                        h.actor,
+                        h.action,
+                        h.from_state,
+                        h.to_state,
+                        h.stage,
+                        h.percentage,
+                        h.reason,
+                        json.dumps(dict(h.details), sort_keys=True),
+                    )
+                    for h in change.history
+                ],
+            )
+            if change.channel is not None:
+                events.append(await _set_channel(db, r.channel, change.channel, at, keep_events))
+            for type_, data in change.events:
+                events.append(await _insert_event(db, type_, data, at, keep_events))
+        return events
+
+    async def get_rollout(self, rollout_id: str) -> Rollout | None:
+        async with self._r.execute(
+            "SELECT * FROM active_rollouts WHERE rollout_id = ?", (rollout_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _rollout(row) if row else None
+
+    async def list_rollouts(
+        self, *, state: str | None, channel: str | None, before: str | None, limit: int
+    ) -> list[Rollout]:
+        """Newest first; ``before`` is the rollout id ending the previous page."""
+        async with self._r.execute(
+            "SELECT * FROM active_rollouts WHERE (?1 IS NULL OR state = ?1)"
+            " AND (?2 IS NULL OR channel = ?2) AND (?3 IS NULL OR (started_at, rollout_id) <"
+            " (SELECT started_at, rollout_id FROM active_rollouts WHERE rollout_id = ?3))"
+            " ORDER BY started_at DESC, rollout_id DESC LIMIT ?4",
+            (state, channel, before, limit),
+        ) as cursor:
+            return [_rollout(row) for row in await cursor.fetchall()]
+
+    async def live_rollouts(self) -> list[Rollout]:
+        """Rollouts still moving: pending, rolling out or paused."""
+        marks = ", ".join("?" * len(ACTIVE_ROLLOUT_STATES))
+        async with self._r.execute(
+            f"SELECT * FROM active_rollouts WHERE state IN ({marks})",  # noqa: S608
+            ACTIVE_ROLLOUT_STATES,
+        ) as cursor:
+            return [_rollout(row) for row in await cursor.fetchall()]
+
+    async def latest_rollout(self, channel: str) -> Rollout | None:
+        async with self._r.execute(
+            "SELECT * FROM active_rollouts WHERE channel = ?"
+            " ORDER BY started_at DESC, rowid DESC LIMIT 1",
+            (channel,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _rollout(row) if row else None
+
+    async def rollout_orgs(
+        self, rollout_id: str, *, after: str | None = None, limit: int | None = None
+    ) -> list[Inclusion]:
+        async with self._r.execute(
+            "SELECT * FROM rollout_orgs WHERE rollout_id = ? AND (?2 IS NULL OR org_id > ?2)"
+            " ORDER BY org_id LIMIT ?3",
+            (rollout_id, after, -1 if limit is None else limit),
+        ) as cursor:
+            return [
+                Inclusion(
+                    row["org_id"],
+                    row["stage"],
+                    parse_iso(row["included_at"]),
+                    row["previous_build_id"],
+                )
+                for row in await cursor.fetchall()
+            ]
+
+    async def rollout_approvals(self, rollout_id: str) -> list[Approval]:
+        async with self._r.execute(
+            "SELECT * FROM rollout_approvals WHERE rollout_id = ? ORDER BY org_id", (rollout_id,)
+        ) as cursor:
+            return [
+                Approval(
+                    row["org_id"],
+                    row["decision"],
+                    row["decided_by"],
+                    parse_iso(row["decided_at"]),
+                    _dt(row["voided_at"]),
+                )
+                for row in await cursor.fetchall()
+            ]
+
+    async def rollout_history(
+        self, rollout_id: str, *, after_id: int | None, limit: int
+    ) -> list[HistoryEntry]:
+        async with self._r.execute(
+            "SELECT * FROM rollout_history WHERE rollout_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (rollout_id, after_id or 0, limit),
+        ) as cursor:
+            return [
+                HistoryEntry(
+                    parse_iso(row["at"]),
+                    row["actor"],
+                    row["action"],
+                    row["from_state"],
+                    row["to_state"],
+                    row["stage"],
+                    row["percentage"],
+                    row["reason"],
+                    json.loads(row["details"]),
+                    row["id"],
+                )
+                for row in await cursor.fetchall()
+            ]
+
+    async def stage_sessions(
+        self, rollout_id: str, stage: int | None = None
+    ) -> list[StageSessions]:
+        """Sessions counted while the rollout was at a stage (every stage without one),
+        per org and build, over all hours."""
+        async with self._r.execute(
+            "SELECT stage, org_id, build_id, sum(started), sum(failed), sum(disconnected)"
+            " FROM session_counts WHERE rollout_id = ?1 AND (?2 IS NULL OR stage = ?2)"
+            " GROUP BY stage, org_id, build_id",
+            (rollout_id, stage),
+        ) as cursor:
+            return [StageSessions(*row) for row in await cursor.fetchall()]
+
+    async def settled_orgs(self) -> dict[str, Settled]:
+        """For each org some finished rollout included, where the newest such rollout left
+        it; a rolled-back one still restores its previous build until its channel's
+        recommendation is set again."""
+        # Only rollouts that can still decide a build: rolled back ones whose restore
+        # stands, and completed ones for enterprise orgs (others follow the channel).
+        async with self._r.execute(
+            "SELECT o.org_id, r.rollout_id, r.state, r.target_build_id, o.previous_build_id"
+            " FROM rollout_orgs o JOIN active_rollouts r ON r.rollout_id = o.rollout_id"
+            " LEFT JOIN recommended_builds c ON c.channel = r.channel"
+            " WHERE (r.state = 'rolled_back'"
+            "   AND (c.updated_at IS NULL OR c.updated_at <= r.finished_at))"
+            " OR (r.state = 'completed'"
+            "   AND o.org_id IN (SELECT org_id FROM orgs WHERE approval_required = 1))"
+            " ORDER BY o.org_id, o.included_at DESC, r.rowid DESC"
+        ) as cursor:
+            settled: dict[str, Settled] = {}
+            async for row in cursor:
+                if row[0] not in settled:
+                    settled[row[0]] = Settled(
+                        row[1], row[2], row[3], row[4], restores=row[2] == "rolled_back"
+                    )
+        return settled
+
+    async def get_freeze(self) -> Freeze | None:
+        async with self._r.execute("SELECT * FROM freeze WHERE id = 1") as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return Freeze(row["reason"], row["frozen_by"], parse_iso(row["frozen_at"]))
+
+    async def set_freeze(
+        self, freeze: Freeze | None, at: datetime, *, by: str, keep_events: int
+    ) -> list[EventRecord]:
+        """Freeze (or, with None, unfreeze) every rollout; an event when that changes."""
+        async with self._transaction() as db:
+            if freeze is None:
+                cursor = await db.execute("DELETE FROM freeze WHERE id = 1")
+                if not cursor.rowcount:
+                    return []
+                return [await _insert_event(db, "pipeline_unfrozen", {"by": by}, at, keep_events)]
+            cursor = await db.execute(
+                "INSERT INTO freeze (id, reason, frozen_by, frozen_at) VALUES (1, ?, ?, ?)"
+                " ON CONFLICT (id) DO NOTHING",
+                (freeze.reason, freeze.frozen_by, isoformat(freeze.frozen_at)),
+            )
+            if not cursor.rowcount:
+                return []
+            return [
+                await _insert_event(
+                    db, "pipeline_frozen", {"by": by, "reason": freeze.reason}, at, keep_events
+                )
+            ]
 
     async def status_counts(self, providers: Sequence[str]) -> StatusCounts:
         # One read transaction, so the counts describe a single moment.
@@ -792,9 +1036,16 @@ class SqliteStore:
                     versions[row["provider_id"]].append(row["version"])
             async with db.execute("SELECT channel, build_id FROM recommended_builds") as cursor:
                 recommended = {row["channel"]: row["build_id"] for row in await cursor.fetchall()}
+            async with db.execute("SELECT * FROM freeze WHERE id = 1") as cursor:
+                found = await cursor.fetchone()
+            frozen = (
+                Freeze(found["reason"], found["frozen_by"], parse_iso(found["frozen_at"]))
+                if found
+                else None
+            )
         finally:
             await db.execute("COMMIT")
-        return StatusCounts(canaries, rollouts, sweeps, versions, recommended)
+        return StatusCounts(canaries, rollouts, sweeps, versions, recommended, frozen)
 
     # -- GitHub App installations ---------------------------------------------------------
 
@@ -1699,3 +1950,64 @@ def _event(row: sqlite3.Row) -> EventRecord:
     return EventRecord(
         row["id"], row["type"], parse_iso(row["created_at"]), json.loads(row["data"])
     )
+
+
+async def _set_channel(
+    db: aiosqlite.Connection, channel: str, change: ChannelChange, at: datetime, keep: int
+) -> EventRecord:
+    async with db.execute(
+        "SELECT build_id FROM recommended_builds WHERE channel = ?", (channel,)
+    ) as cursor:
+        before = await cursor.fetchone()
+    if change.build_id is None:
+        await db.execute("DELETE FROM recommended_builds WHERE channel = ?", (channel,))
+    else:
+        await db.execute(
+            "INSERT INTO recommended_builds (channel, build_id, updated_at, reason, set_by)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel) DO UPDATE SET"
+            " build_id = excluded.build_id, updated_at = excluded.updated_at,"
+            " reason = excluded.reason, set_by = excluded.set_by",
+            (channel, change.build_id, isoformat(at), change.reason, change.set_by),
+        )
+    return await _insert_event(
+        db,
+        "channel_updated",
+        {
+            "channel": channel,
+            "buildId": change.build_id,
+            "previousBuildId": before[0] if before else None,
+            "reason": change.reason,
+            "by": change.set_by,
+        },
+        at,
+        keep,
+    )
+
+
+def _rollout(row: sqlite3.Row) -> Rollout:
+    return Rollout(
+        rollout_id=row["rollout_id"],
+        build_id=row["target_build_id"],
+        channel=row["channel"],
+        state=row["state"],
+        plan=row["plan"],
+        stage=row["stage"],
+        percentage=float(row["current_percentage"]),
+        started_at=parse_iso(row["started_at"]),
+        updated_at=parse_iso(row["last_updated_at"]),
+        stage_started_at=_dt(row["stage_started_at"]),
+        deadline_at=_dt(row["deadline_at"]),
+        paused_at=_dt(row["paused_at"]),
+        remaining_seconds=row["remaining_seconds"],
+        previous_build_id=row["previous_build_id"],
+        replaced_build_id=row["replaced_build_id"],
+        started_by=row["started_by"],
+        forced_reason=row["forced_reason"],
+        finished_at=_dt(row["finished_at"]),
+        rollback=json.loads(row["rollback"]) if row["rollback"] else None,
+        version=row["version"],
+    )
+
+
+def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
