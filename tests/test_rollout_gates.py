@@ -79,7 +79,9 @@ def test_a_bad_rate_in_two_orgs_rolls_back_at_the_minimum() -> None:
 
 def test_one_misbehaving_org_cannot_roll_back_a_healthy_fleet() -> None:
     by_org = {"bad": failing(100, 100), **{f"ok-{n}": failing(100, 0) for n in range(3)}}
-    assert judge_stage(by_org, GATES).outcome == "pass"
+    verdict = judge_stage(by_org, GATES)
+    # Held: not pulled back, and not moved on while the overall rate is above the limit.
+    assert (verdict.outcome, verdict.orgs_over, verdict.value) == ("held", ("bad",), 0.25)
     # ... but one that is the whole stage can.
     assert judge_stage({"only": failing(100, 11)}, GATES).outcome == "rollback"
 

@@ -42,7 +42,8 @@ class Thresholds:
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """``rollback`` (with the metric that tripped it), ``pass`` (enough sessions, rates
-    within), or ``insufficient`` (not enough sessions to judge)."""
+    within), ``insufficient`` (not enough sessions to judge), or ``held`` (a rate above
+    its threshold, but in one org's data only: no rollback, and no advance either)."""
 
     outcome: str
     total: Counts
@@ -58,10 +59,11 @@ def judge_stage(by_org: Mapping[str, Counts], thresholds: Thresholds) -> Verdict
     A rate above its threshold trips a rollback once the stage has the minimum number of
     sessions, but only if it is above the threshold in at least two orgs' own data (or
     in the only org's): one misbehaving org cannot pull a build back from a healthy
-    fleet. Below the minimum nothing is decided."""
+    fleet; it holds the stage instead. Below the minimum nothing is decided."""
     total = sum(by_org.values(), Counts())
     if total.started < thresholds.min_sessions:
         return Verdict("insufficient", total)
+    held: Verdict | None = None
     for metric, limit in (
         ("failure_rate", thresholds.max_failure_rate),
         ("disconnect_rate", thresholds.max_disconnect_rate),
@@ -75,7 +77,8 @@ def judge_stage(by_org: Mapping[str, Counts], thresholds: Thresholds) -> Verdict
         orgs_with_data = [org for org, c in by_org.items() if c.started]
         if len(over) >= 2 or (len(orgs_with_data) == 1 and over):
             return Verdict("rollback", total, metric, overall, limit, over)
-    return Verdict("pass", total)
+        held = held or Verdict("held", total, metric, overall, limit, over)
+    return held or Verdict("pass", total)
 
 
 def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
@@ -104,3 +107,105 @@ def newcombe(x1: int, n1: int, x2: int, n2: int, z: float = Z95) -> tuple[float,
     lower = difference - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     upper = difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return (lower, upper)
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """The target build's rates against the baseline's (eligible orgs not yet included,
+    on the previous build), with 95% intervals for the differences."""
+
+    target: Counts
+    baseline: Counts
+    failure_difference: tuple[float, float, float]  # estimate, low, high
+    disconnect_difference: tuple[float, float, float]
+
+
+def compare(target: Counts, baseline: Counts) -> Baseline:
+    def difference(metric: str, x1: int, x2: int) -> tuple[float, float, float]:
+        low, high = newcombe(x1, target.started, x2, baseline.started)
+        return (getattr(target, metric) - getattr(baseline, metric), low, high)
+
+    return Baseline(
+        target,
+        baseline,
+        difference("failure_rate", target.failed, baseline.failed),
+        difference("disconnect_rate", target.disconnected, baseline.disconnected),
+    )
+
+
+def judge_regression(
+    comparison: Baseline, max_regression: float | None, min_sessions: int
+) -> Verdict | None:
+    """The baseline gate: a rollback when, with enough sessions on both sides, the target
+    build's rate is above the baseline's by more than ``max_regression`` with 95%
+    confidence (the interval's lower end is above it). None when it does not trip."""
+    if max_regression is None:
+        return None
+    if comparison.target.started < min_sessions or comparison.baseline.started < min_sessions:
+        return None
+    for metric, (_, low, _) in (
+        ("failure_rate", comparison.failure_difference),
+        ("disconnect_rate", comparison.disconnect_difference),
+    ):
+        if low > max_regression:
+            return Verdict(
+                "rollback",
+                comparison.target,
+                f"{metric}_regression",
+                low,
+                max_regression,
+            )
+    return None
+
+
+class StageTally:
+    """A stage's sessions as heartbeats arrive, judged in constant time per heartbeat:
+    totals and the orgs over each threshold are kept up to date, so ``verdict`` agrees
+    with ``judge_stage`` over the same counts without summing every org again."""
+
+    __slots__ = ("_over", "_with_data", "baseline", "by_org", "thresholds", "total")
+
+    def __init__(self, thresholds: Thresholds) -> None:
+        self.thresholds = thresholds
+        self.by_org: dict[str, Counts] = {}
+        self.total = Counts()
+        self.baseline = Counts()
+        self._over: dict[str, set[str]] = {"failure_rate": set(), "disconnect_rate": set()}
+        self._with_data = 0
+
+    def add(self, org_id: str, counts: Counts) -> None:
+        before = self.by_org.get(org_id, Counts())
+        after = before + counts
+        self.by_org[org_id] = after
+        self.total = self.total + counts
+        if after.started and not before.started:
+            self._with_data += 1
+        for metric, limit in (
+            ("failure_rate", self.thresholds.max_failure_rate),
+            ("disconnect_rate", self.thresholds.max_disconnect_rate),
+        ):
+            if after.started and getattr(after, metric) > limit:
+                self._over[metric].add(org_id)
+            else:
+                self._over[metric].discard(org_id)
+
+    def add_baseline(self, counts: Counts) -> None:
+        self.baseline = self.baseline + counts
+
+    def verdict(self) -> Verdict:
+        t, total = self.thresholds, self.total
+        if total.started < t.min_sessions:
+            return Verdict("insufficient", total)
+        held: Verdict | None = None
+        for metric, limit in (
+            ("failure_rate", t.max_failure_rate),
+            ("disconnect_rate", t.max_disconnect_rate),
+        ):
+            overall = getattr(total, metric)
+            if overall <= limit:
+                continue
+            over = tuple(sorted(self._over[metric]))
+            if len(over) >= 2 or (self._with_data == 1 and over):
+                return Verdict("rollback", total, metric, overall, limit, over)
+            held = held or Verdict("held", total, metric, overall, limit, over)
+        return held or Verdict("pass", total)
