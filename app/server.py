@@ -32,6 +32,7 @@ from app.pipeline import Component, UpdatePipeline
 from app.pipeline.canary.service import CanaryTimeouts
 from app.pipeline.version.sources import upstream_sources
 from app.pipeline.version.watcher import Source, VersionWatcher
+from app.rollouts.controller import RolloutTimer
 from app.services import Services
 from app.store import InstanceLock, SqliteStore
 
@@ -174,6 +175,7 @@ async def serve(
                     own.append(version_watcher(services, upstream))
                     own.append(CanaryTimeouts(services.canary))
                     own.append(retention(services.fleet))
+                    own.append(RolloutTimer(services.rollouts))
                 await start_pipeline(services, [*own, *components])
                 await _run_http(services, stop)
             finally:

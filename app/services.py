@@ -15,6 +15,7 @@ from app.github.webhooks import Deliveries
 from app.pipeline import UpdatePipeline
 from app.pipeline.canary.service import CanaryService
 from app.pipeline.events import EventBus
+from app.rollouts.controller import RolloutController
 from app.store import Store
 
 
@@ -29,6 +30,7 @@ class Services:
     outbox: Outbox
     canary: CanaryService
     fleet: Fleet
+    rollouts: RolloutController
     pipeline: UpdatePipeline | None = None
     github: GitHubApp | None = None
     # Verifies GitHub Actions OIDC tokens (canary results); set by serve.
@@ -47,6 +49,7 @@ class Services:
         canary = CanaryService(store, bus, clock, settings)
         fleet = Fleet(store, clock, settings)
         canary.listeners.append(fleet.invalidate)
+        rollouts = RolloutController(store, fleet, bus, clock, settings)
         return cls(
             settings,
             store,
@@ -57,4 +60,5 @@ class Services:
             Outbox(store, clock),
             canary,
             fleet,
+            rollouts,
         )

@@ -6,6 +6,7 @@ from app.api import (
     diagnostics,
     events,
     fleet,
+    rollouts,
     system,
     tokens,
     versions,
@@ -26,4 +27,5 @@ def build_route_table() -> RouteTable:
     table.extend(builds.ROUTES)
     table.extend(canary.ROUTES)
     table.extend(fleet.ROUTES)
+    table.extend(rollouts.ROUTES)
     return table

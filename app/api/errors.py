@@ -44,6 +44,10 @@ ERROR_SCHEMA: dict[str, Any] = {
                 "code": {"type": "string", "examples": ["NOT_FOUND"]},
                 "message": {"type": "string"},
                 "requestId": {"type": "string", "description": "Quote it when reporting a 500."},
+                "state": {
+                    "type": "string",
+                    "description": "A refused state change: the state the object is in now.",
+                },
             },
         }
     },
@@ -58,12 +62,14 @@ class ApiError(Exception):
         message: str,
         *,
         headers: Mapping[str, str] | None = None,
+        state: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.state = state
 
 
 def json_response(data: Any, *, status: int = 200) -> web.Response:
@@ -81,10 +87,13 @@ def error_response(
     *,
     headers: Mapping[str, str] | None = None,
     request_id: str | None = None,
+    state: str | None = None,
 ) -> web.Response:
     error: dict[str, str] = {"code": code, "message": message}
     if request_id is not None:
         error["requestId"] = request_id
+    if state is not None:
+        error["state"] = state
     response = json_response({"error": error}, status=status)
     response.headers.update(headers or {})
     return response
@@ -111,7 +120,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except ApiError as exc:
-        response = error_response(exc.status, exc.code, exc.message, headers=exc.headers)
+        response = error_response(
+            exc.status, exc.code, exc.message, headers=exc.headers, state=exc.state
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

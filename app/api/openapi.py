@@ -89,7 +89,7 @@ def _operation(route: Route) -> dict[str, Any]:
         operation["parameters"] = parameters
     if route.request is not None:
         operation["requestBody"] = {
-            "required": True,
+            "required": not route.body_optional,
             "content": {JSON: {"schema": dict(route.request)}},
         }
     for status, description in sorted(statuses(route).items()):

@@ -62,6 +62,8 @@ class Route:
     response: Mapping[str, Any] | None  # schema of the success body (None: no body)
     status: int = 200
     request: Mapping[str, Any] | None = None
+    # The body may be left out (an empty body then reads as {}).
+    body_optional: bool = False
     query: tuple[QueryParam, ...] = ()
     errors: Mapping[int, str] = field(default_factory=dict)  # statuses beyond the automatic
     content_type: str = JSON
@@ -159,7 +161,9 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
         query = _parse_query(route, request, query_validators)
         body = None
         if body_validator is not None:
-            body = await read_json(request, services.settings.max_body_bytes)
+            body = await read_json(
+                request, services.settings.max_body_bytes, optional=route.body_optional
+            )
             if not _passes(fast_check, body):
                 _validate(body_validator, body, "body")
         call = Call(request, services, principal, dict(request.match_info), query, body, workflow)
@@ -218,8 +222,10 @@ def page_params(cursor_length: int) -> tuple[QueryParam, QueryParam]:
     )
 
 
-async def read_json(request: web.Request, limit: int) -> Any:
+async def read_json(request: web.Request, limit: int, *, optional: bool = False) -> Any:
     data = await read_body(request, limit)
+    if optional and not data.strip():
+        return {}
     if not data.strip():
         raise ApiError(400, "INVALID_JSON", "request body is empty; a JSON document is expected")
     try:

@@ -5,7 +5,7 @@ org, a channel or the known-good builds refreshes it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -16,7 +16,17 @@ from app.config import Settings
 from app.logs import get_logger
 from app.pipeline import CHANNELS
 from app.pipeline.periodic import Periodic
-from app.store import BuildRecord, Heartbeat, Org, RunnerState, Store, StoreError
+from app.rollouts.gates import Counts, StageTally, Thresholds
+from app.store import (
+    BuildRecord,
+    Heartbeat,
+    Org,
+    Rollout,
+    RunnerState,
+    Settled,
+    Store,
+    StoreError,
+)
 
 log = get_logger("fleet")
 
@@ -53,11 +63,46 @@ class Instruction:
     counted: tuple[int, int, int] = (0, 0, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class LiveRollout:
+    """A rollout still moving, as the heartbeat path needs it."""
+
+    rollout: Rollout
+    included: frozenset[str]
+
+    def counts_as_baseline(self, build_id: str) -> bool:
+        previous = self.rollout.previous_build_id
+        return build_id == previous if previous is not None else build_id != self.rollout.build_id
+
+
 @dataclass
-class _State:
+class FleetState:
     orgs: dict[str, Org] = field(default_factory=dict)
     recommended: dict[str, str] = field(default_factory=dict)
     good_builds: list[BuildRecord] = field(default_factory=list)  # newest first
+    live: dict[str, LiveRollout] = field(default_factory=dict)  # by channel
+    settled: dict[str, Settled] = field(default_factory=dict)  # by org
+
+
+def eligible(org: Org, channel: str) -> bool:
+    """Whether a rollout on ``channel`` moves the org through its stages: on the channel,
+    not pinned in any way, and not an enterprise org (those wait for approval)."""
+    return (
+        org.channel == channel
+        and org.pinned_build_id is None
+        and not org.version_pins
+        and not org.approval_required
+    )
+
+
+def thresholds(settings: Settings) -> Thresholds:
+    return Thresholds(
+        settings.max_failure_rate, settings.max_disconnect_rate, settings.min_session_count
+    )
+
+
+# Called after a heartbeat's sessions were committed and added to a live rollout's stage.
+OnCounted = Callable[[LiveRollout, StageTally], Awaitable[None]]
 
 
 def new_sessions(last: RunnerState | None, report: Report) -> tuple[int, int, int] | None:
@@ -79,7 +124,11 @@ class Fleet:
         self.store = store
         self.clock = clock
         self.settings = settings
-        self._state: _State | None = None
+        self._state: FleetState | None = None
+        # Each live rollout's current stage, counted as heartbeats commit; kept across
+        # reloads of the state, read from the store only when first needed.
+        self._tallies: dict[tuple[str, int], StageTally] = {}
+        self.on_counted: OnCounted | None = None
         self._loading: asyncio.Lock = asyncio.Lock()
         self._runners: LRUCache[tuple[str, str], _Last] = LRUCache(maxsize=RUNNER_CACHE)
         self.poll_after_seconds = POLL_AFTER_SECONDS
@@ -94,7 +143,7 @@ class Fleet:
         """Orgs, channels or known-good builds changed: reload before the next answer."""
         self._state = None
 
-    async def _current(self) -> _State:
+    async def current(self) -> FleetState:
         state = self._state
         if state is not None:
             return state
@@ -107,13 +156,43 @@ class Fleet:
                     for b in await self.store.list_builds(before=None, limit=500)
                     if b.runtime_versions and set(b.runtime_versions) <= set(b.known_good_for)
                 ]
-                self._state = _State(orgs, recommended, good)
+                live: dict[str, LiveRollout] = {}
+                for rollout in await self.store.live_rollouts():
+                    included = frozenset(
+                        i.org_id for i in await self.store.rollout_orgs(rollout.rollout_id)
+                    )
+                    live[rollout.channel] = LiveRollout(rollout, included)
+                    await self._load_tally(live[rollout.channel])
+                current = {(r.rollout.rollout_id, r.rollout.stage) for r in live.values()}
+                for key in [k for k in self._tallies if k not in current]:
+                    del self._tallies[key]
+                settled = await self.store.settled_orgs()
+                self._state = FleetState(orgs, recommended, good, live, settled)
             return self._state
+
+    async def _load_tally(self, live: LiveRollout) -> None:
+        rollout = live.rollout
+        key = (rollout.rollout_id, rollout.stage)
+        if key in self._tallies:
+            return
+        tally = StageTally(thresholds(self.settings))
+        for row in await self.store.stage_sessions(rollout.rollout_id, rollout.stage):
+            counts = Counts(row.started, row.failed, row.disconnected)
+            if row.org_id in live.included:
+                if row.build_id == rollout.build_id:
+                    tally.add(row.org_id, counts)
+            elif live.counts_as_baseline(row.build_id):
+                tally.add_baseline(counts)
+        self._tallies[key] = tally
+
+    def tally(self, rollout_id: str, stage: int) -> StageTally | None:
+        """The current stage's live counts (None until the state has loaded them)."""
+        return self._tallies.get((rollout_id, stage))
 
     # -- heartbeats ------------------------------------------------------------------------
 
     async def heartbeat(self, report: Report) -> Instruction:
-        state = await self._current()
+        state = await self.current()
         now = self.clock.now()
         org = state.orgs.get(report.org_id)
         new_org = None
@@ -140,6 +219,7 @@ class Fleet:
             return Instruction(
                 desired, org.channel, None, self.poll_after_seconds, warnings=(warning,)
             )
+        live, side = self._attribution(org, report.build_id, state)
         runner = RunnerState(
             report.runner_id,
             report.org_id,
@@ -155,7 +235,15 @@ class Fleet:
         self._runners[key] = remembered
         try:
             await self.store.add_heartbeat(
-                Heartbeat(runner, report.runtimes, now, counted, new_org=new_org)
+                Heartbeat(
+                    runner,
+                    report.runtimes,
+                    now,
+                    counted,
+                    rollout_id=live.rollout.rollout_id if live and side else "",
+                    stage=live.rollout.stage if live and side else -1,
+                    new_org=new_org,
+                )
             )
         except BaseException:
             if self._runners.get(key) is remembered:
@@ -166,19 +254,69 @@ class Fleet:
             if new_org is not None and state.orgs.get(report.org_id) is new_org:
                 del state.orgs[report.org_id]
             raise
+        if live is not None and side is not None and any(counted):
+            tally = self._tallies.get((live.rollout.rollout_id, live.rollout.stage))
+            if tally is not None:
+                if side == "target":
+                    tally.add(report.org_id, Counts(*counted))
+                else:
+                    tally.add_baseline(Counts(*counted))
+                if self.on_counted is not None:
+                    await self.on_counted(live, tally)
+                    state = await self.current()  # it may have moved the rollout
         desired = self.desired_build(org, report.build_id, state)
-        return Instruction(desired, org.channel, None, self.poll_after_seconds, counted=counted)
+        return Instruction(
+            desired,
+            org.channel,
+            self._rollout_of(org, state),
+            self.poll_after_seconds,
+            counted=counted,
+        )
 
-    def desired_build(self, org: Org, reported: str | None, state: _State) -> str | None:
-        """Pinned orgs get their pin, and nothing else moves them; enterprise orgs get
-        their pin or (with rollouts) what they approved, never simply the channel's
-        recommendation; others the channel's recommended build; with none, they stay."""
+    @staticmethod
+    def _attribution(
+        org: Org, build_id: str | None, state: FleetState
+    ) -> tuple[LiveRollout | None, str | None]:
+        """Whose sessions a heartbeat's are: a live rollout's target (an included org on
+        the target build), its baseline (an eligible org not yet included, on the previous
+        build), or neither."""
+        live = state.live.get(org.channel)
+        if live is None or build_id is None:
+            return live, None
+        if org.org_id in live.included:
+            return live, "target" if build_id == live.rollout.build_id else None
+        if eligible(org, live.rollout.channel) and live.counts_as_baseline(build_id):
+            return live, "baseline"
+        return live, None
+
+    @staticmethod
+    def _rollout_of(org: Org, state: FleetState) -> str | None:
+        live = state.live.get(org.channel)
+        if live is not None and org.org_id in live.included and org.pinned_build_id is None:
+            return live.rollout.rollout_id
+        return None
+
+    def desired_build(self, org: Org, reported: str | None, state: FleetState) -> str | None:
+        """Pins win and nothing else moves a pinned org. Then a live rollout that included
+        the org gives its target; an enterprise org otherwise keeps the build its last
+        approved rollout gave it (or what it runs), never simply the channel's
+        recommendation; a rollback restores the build an org ran before the rollout
+        (until the channel's recommendation is set again); others get the channel's
+        recommended build, and with none they stay."""
         if org.pinned_build_id is not None:
             return org.pinned_build_id
         if org.version_pins:
             matching = next((b for b in state.good_builds if _matches(b, org.version_pins)), None)
             return matching.build_id if matching else reported
+        live = state.live.get(org.channel)
+        if live is not None and org.org_id in live.included:
+            return live.rollout.build_id
+        settled = state.settled.get(org.org_id)
+        if settled is not None and settled.restores and settled.previous_build_id is not None:
+            return settled.previous_build_id
         if org.approval_required:
+            if settled is not None and settled.state == "completed":
+                return settled.build_id
             return reported
         return state.recommended.get(org.channel, reported)
 
