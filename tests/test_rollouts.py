@@ -522,7 +522,8 @@ async def test_previous_builds_are_those_at_inclusion_not_at_start(
     )
     assert response.status == 200
     await fleet.everyone(ORGS)
-    await command(api, admin, rollout_id, "advance")
+    response, body = await command(api, admin, rollout_id, "advance", to=50)
+    assert response.status == 200, body
     _, page = await api.get(f"/rollouts/{rollout_id}/orgs?limit=500", token=admin)
     previous = {i["orgId"]: i["previousBuildId"] for i in page["items"]}
     assert {o: previous[o] for o in first} == {o: OLD for o in first}
@@ -807,3 +808,56 @@ def test_the_live_tally_agrees_with_judging_the_whole_stage() -> None:
             tally.add(org, counts)
             by_org[org] = by_org.get(org, Counts()) + counts
             assert tally.verdict() == judge_stage(by_org, limits)
+
+
+async def test_orgs_that_appear_after_a_stage_began_join_it_as_their_cohort_says(
+    make_api: MakeApi, settings: Settings
+) -> None:
+    api = await make_api(settings_override=settings.replace(stages_stable="30%:1h,100%"))
+    admin = await api.token("admin")
+    await add_build(api, OLD)
+    await add_build(api, NEW)
+    await api.request("PUT", "/channels/stable", token=admin, json={"buildId": OLD, "reason": "x"})
+    rollout = await start(api, admin)  # before any org has been heard from
+    rollout_id = rollout["rolloutId"]
+    assert rollout["affectedOrgCount"] == 0
+    runners = Fleet(api, admin)
+    # The first org in joins an empty stage, whatever its bucket, on its first heartbeat.
+    answer = await runners.beat(ORGS[0])
+    assert (answer["desiredBuildId"], answer["rolloutId"]) == (NEW, rollout_id)
+    await runners.everyone(ORGS[1:])
+    body = await view(api, rollout_id)
+    assert set(included(body)) == {ORGS[0]} | members(rollout_id, ORGS[1:], 30) - {ORGS[0]}
+    assert {o for o in ORGS if runners.running[o] == NEW} == set(included(body))
+    # A paused rollout takes nobody new.
+    await command(api, admin, rollout_id, "pause")
+    late = [f"late-{n}" for n in range(30)]
+    await runners.everyone(late)
+    assert not set(late) & set(included(await view(api, rollout_id)))
+    assert {runners.running[o] for o in late} == {OLD}
+
+
+async def test_the_timer_component_advances_a_rollout_at_its_deadline(
+    make_api: MakeApi, clock: ManualClock
+) -> None:
+    from app.rollouts.controller import RolloutTimer
+
+    api = await make_api(build=lambda services: [RolloutTimer(services.rollouts)])
+    admin = await api.token("admin")
+    await add_build(api, OLD)
+    await add_build(api, NEW)
+    runners = Fleet(api, admin)
+    await runners.everyone(ORGS)
+    rollout = await start(api, admin)
+    orgs = included(rollout)
+    await runners.everyone(orgs)
+    await runners.sessions(orgs, 120)
+    clock.advance(timedelta(hours=1))
+    api.services.rollouts.wake.set()  # what the real clock's passing does by itself
+    for _ in range(100):
+        if (await view(api, rollout["rolloutId"]))["currentPercentage"] == 10:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the timer did not advance the rollout")
+    assert api.services.pipeline is not None and api.services.pipeline.health() is None

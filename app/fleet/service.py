@@ -13,6 +13,7 @@ from cachetools import LRUCache
 
 from app.clock import Clock
 from app.config import Settings
+from app.fleet.cohorts import bucket
 from app.logs import get_logger
 from app.pipeline import CHANNELS
 from app.pipeline.periodic import Periodic
@@ -103,6 +104,9 @@ def thresholds(settings: Settings) -> Thresholds:
 
 # Called after a heartbeat's sessions were committed and added to a live rollout's stage.
 OnCounted = Callable[[LiveRollout, StageTally], Awaitable[None]]
+# Called for an eligible org a live rollout's stage takes in but has not included (it
+# appeared after the stage began); True once it is included.
+OnJoining = Callable[[LiveRollout, Org, str | None], Awaitable[bool]]
 
 
 def new_sessions(last: RunnerState | None, report: Report) -> tuple[int, int, int] | None:
@@ -129,9 +133,10 @@ class Fleet:
         # reloads of the state, read from the store only when first needed.
         self._tallies: dict[tuple[str, int], StageTally] = {}
         self.on_counted: OnCounted | None = None
+        self.on_joining: OnJoining | None = None
         self._loading: asyncio.Lock = asyncio.Lock()
         self._runners: LRUCache[tuple[str, str], _Last] = LRUCache(maxsize=RUNNER_CACHE)
-        self.poll_after_seconds = POLL_AFTER_SECONDS
+        self.poll_after_seconds = int(settings.heartbeat_interval.total_seconds())
 
     # -- the in-memory state ------------------------------------------------------------
 
@@ -219,6 +224,7 @@ class Fleet:
             return Instruction(
                 desired, org.channel, None, self.poll_after_seconds, warnings=(warning,)
             )
+        await self._join(org, report.build_id, state)
         live, side = self._attribution(org, report.build_id, state)
         runner = RunnerState(
             report.runner_id,
@@ -272,6 +278,24 @@ class Fleet:
             self.poll_after_seconds,
             counted=counted,
         )
+
+    async def _join(self, org: Org, reported: str | None, state: FleetState) -> None:
+        """An eligible org that appeared after its channel's rollout stage began joins it
+        if its cohort bucket is in (or the stage has nobody yet), as it would have at the
+        stage's start."""
+        live = state.live.get(org.channel)
+        if (
+            live is None
+            or self.on_joining is None
+            or live.rollout.state != "rolling_out"
+            or org.org_id in live.included
+            or not eligible(org, live.rollout.channel)
+        ):
+            return
+        if live.included and bucket(live.rollout.rollout_id, org.org_id) >= live.rollout.percentage:
+            return
+        if await self.on_joining(live, org, reported) and state.live.get(org.channel) is live:
+            state.live[org.channel] = LiveRollout(live.rollout, live.included | {org.org_id})
 
     @staticmethod
     def _attribution(

@@ -150,6 +150,7 @@ class RolloutController:
         self.listeners: list[Callable[[Rollout, Sequence[EventRecord]], None]] = []
         self._tripping: set[str] = set()
         fleet.on_counted = self._counted
+        fleet.on_joining = self._joining
 
     # -- plans and gates ----------------------------------------------------------------
 
@@ -542,6 +543,18 @@ class RolloutController:
             and self.clock.now() >= r.deadline_at
         ):
             self.wake.set()
+
+    async def _joining(self, live: LiveRollout, org: Org, reported: str | None) -> bool:
+        """Include an org that appeared after the stage began (the fleet decided it
+        belongs); written only if the rollout is still the version the fleet saw."""
+        state = await self.fleet.current()
+        r = live.rollout
+        previous = _before(self.fleet, org, {org.org_id: reported} if reported else {}, state)
+        inclusion = Inclusion(org.org_id, r.stage, self.clock.now(), previous)
+        joined = await self.store.include_org(r.rollout_id, inclusion, version=r.version)
+        if joined:
+            log.info("org %s joined rollout %s at %g%%", org.org_id, r.rollout_id, r.percentage)
+        return joined
 
     async def _auto_rollback(self, r: Rollout, verdict: Verdict) -> None:
         if r.rollout_id in self._tripping:

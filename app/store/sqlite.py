@@ -850,6 +850,27 @@ class SqliteStore:
                 events.append(await _insert_event(db, type_, data, at, keep_events))
         return events
 
+    async def include_org(self, rollout_id: str, inclusion: Inclusion, *, version: int) -> bool:
+        """Add one org to a rollout rolling out at ``version`` (an org that appeared after
+        its stage began); False when the rollout has moved on or the org is in already."""
+        i = inclusion
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO rollout_orgs (rollout_id, org_id, stage, included_at,"
+                " previous_build_id) SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM"
+                " active_rollouts WHERE rollout_id = ?1 AND version = ?6"
+                " AND state = 'rolling_out') ON CONFLICT (rollout_id, org_id) DO NOTHING",
+                (
+                    rollout_id,
+                    i.org_id,
+                    i.stage,
+                    isoformat(i.included_at),
+                    i.previous_build_id,
+                    version,
+                ),
+            )
+            return cursor.rowcount == 1
+
     async def get_rollout(self, rollout_id: str) -> Rollout | None:
         async with self._r.execute(
             "SELECT * FROM active_rollouts WHERE rollout_id = ?", (rollout_id,)
