@@ -141,6 +141,7 @@ class Settings:
     canary_min_pass_rate: float = 0.95
     canary_max_disconnect_rate: float = 0.05
     heartbeat_retention: timedelta = timedelta(days=7)
+    heartbeat_interval: timedelta = timedelta(seconds=30)  # pollAfterSeconds
     stages_stable: str = "1%:1h,10%:2h,50%:4h,100%"  # design section 6.2
     stages_beta: str = "10%:30m,100%"
     max_failure_rate: float = 0.10  # design section 6.1
@@ -251,6 +252,9 @@ class _Reader:
             ),
             heartbeat_retention=self.get(
                 "UPDATE_PIPELINE_HEARTBEAT_RETENTION", _positive_duration, d.heartbeat_retention
+            ),
+            heartbeat_interval=self.get(
+                "UPDATE_PIPELINE_HEARTBEAT_INTERVAL", _whole_seconds, d.heartbeat_interval
             ),
             stages_stable=self.get("UPDATE_PIPELINE_STAGES_STABLE", _stages, d.stages_stable),
             stages_beta=self.get("UPDATE_PIPELINE_STAGES_BETA", _stages, d.stages_beta),
@@ -403,6 +407,14 @@ def _audience(text: str) -> str:
     value = text.strip()
     if not value or len(value) > 200 or any(c.isspace() for c in value):
         raise ValueError(f"{text!r} is not an audience (1 to 200 characters, no spaces)")
+    return value
+
+
+def _whole_seconds(text: str) -> timedelta:
+    value = parse_duration(text)
+    seconds = value.total_seconds()
+    if seconds < 1 or seconds > 3600 or seconds != int(seconds):
+        raise ValueError(f"{text!r} is not a whole number of seconds from 1s to 1h")
     return value
 
 
