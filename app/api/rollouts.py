@@ -22,7 +22,7 @@ from app.rollouts.controller import (
     StageReport,
 )
 from app.rollouts.gates import Counts
-from app.store import Freeze, HistoryEntry, Rollout
+from app.store import Freeze, HistoryEntry, Rollout, StaleRollout
 
 _DATE = {"type": "string", "format": "date-time"}
 _DATE_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
@@ -611,6 +611,8 @@ async def _command(call: Call, action: str) -> web.StreamResponse:
         raise ApiError(409, exc.code, str(exc), state=exc.state) from None
     except RolloutError as exc:
         raise _error(exc) from None
+    except StaleRollout as exc:
+        raise ApiError(409, "CONFLICT", f"{exc}; read it again and retry") from None
     return await _respond(call, rollout_id)
 
 
