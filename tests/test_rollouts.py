@@ -87,14 +87,10 @@ async def add_build(api: Api, build_id: str, *, good: bool = True) -> None:
     )
 
 
-@pytest.fixture
-async def admin(api: Api) -> str:
-    return await api.token("admin", name="ops")
-
-
-@pytest.fixture
-async def fleet(api: Api, admin: str) -> Fleet:
-    """Builds old (the stable channel's) and new, and a fleet of 40 orgs on the old one."""
+async def on_channel(api: Api, orgs: Iterable[str], admin: str | None = None) -> tuple[str, Fleet]:
+    """Builds old (the stable channel's) and new, and ``orgs`` checked in on the old one;
+    an admin token (named ops) and the fleet."""
+    admin = admin or await api.token("admin", name="ops")
     await add_build(api, OLD)
     await add_build(api, NEW)
     response, _ = await api.request(
@@ -102,8 +98,19 @@ async def fleet(api: Api, admin: str) -> Fleet:
     )
     assert response.status == 200
     runners = Fleet(api, admin)
-    await runners.everyone(ORGS)
-    return runners
+    await runners.everyone(orgs)
+    return admin, runners
+
+
+@pytest.fixture
+async def admin(api: Api) -> str:
+    return await api.token("admin", name="ops")
+
+
+@pytest.fixture
+async def fleet(api: Api, admin: str) -> Fleet:
+    """A fleet of 40 orgs on the stable channel's old build."""
+    return (await on_channel(api, ORGS, admin))[1]
 
 
 ORGS = [f"org-{n:02d}" for n in range(40)]
@@ -247,12 +254,9 @@ async def test_the_heartbeat_that_crosses_the_failure_threshold_rolls_back(
     make_api: MakeApi, one_stage: Settings
 ) -> None:
     api = await make_api(settings_override=one_stage)
-    admin = await api.token("admin", name="ops")
-    await add_build(api, OLD)
-    await add_build(api, NEW)
-    await api.request("PUT", "/channels/stable", token=admin, json={"buildId": OLD, "reason": "x"})
-    runners = Fleet(api, admin)
-    await runners.everyone(["solo"])  # the only org: its data alone can trip the gate
+    admin, runners = await on_channel(
+        api, ["solo"]
+    )  # the only org: its data alone can trip the gate
     rollout = await start(api, admin)
     await runners.beat("solo")
     assert runners.running["solo"] == NEW
@@ -287,11 +291,7 @@ async def test_exactly_at_the_threshold_holds_and_one_more_failure_trips(
     make_api: MakeApi, one_stage: Settings
 ) -> None:
     api = await make_api(settings_override=one_stage)
-    admin = await api.token("admin")
-    await add_build(api, OLD)
-    await add_build(api, NEW)
-    runners = Fleet(api, admin)
-    await runners.everyone(["solo"])
+    admin, runners = await on_channel(api, ["solo"])
     rollout = await start(api, admin)
     await runners.beat("solo")
     answer = await runners.beat("solo", 100, 10)  # 10%: not above
@@ -305,11 +305,7 @@ async def test_one_misbehaving_org_cannot_pull_back_a_healthy_stage(
     make_api: MakeApi, settings: Settings, clock: ManualClock
 ) -> None:
     api = await make_api(settings_override=settings.replace(stages_stable="50%:1h,100%"))
-    admin = await api.token("admin")
-    await add_build(api, OLD)
-    await add_build(api, NEW)
-    runners = Fleet(api, admin)
-    await runners.everyone(ORGS)
+    admin, runners = await on_channel(api, ORGS)
     rollout = await start(api, admin)
     orgs = included(await view(api, rollout["rolloutId"]))
     assert len(orgs) >= 4
@@ -387,12 +383,7 @@ async def test_the_regression_gate_rolls_back_a_build_confidently_worse_than_the
             stages_stable="50%:1h,100%", max_relative_regression=0.02, max_failure_rate=0.5
         )
     )
-    admin = await api.token("admin")
-    await add_build(api, OLD)
-    await add_build(api, NEW)
-    await api.request("PUT", "/channels/stable", token=admin, json={"buildId": OLD, "reason": "x"})
-    runners = Fleet(api, admin)
-    await runners.everyone(ORGS)
+    admin, runners = await on_channel(api, ORGS)
     rollout = await start(api, admin)
     orgs = included(rollout)
     others = [o for o in ORGS if o not in orgs]
@@ -660,11 +651,7 @@ async def test_a_freeze_blocks_starts_and_advances_but_not_automatic_rollbacks(
     make_api: MakeApi, settings: Settings, clock: ManualClock
 ) -> None:
     api = await make_api(settings_override=settings.replace(stages_stable="50%:1h,100%"))
-    admin = await api.token("admin", name="ops")
-    await add_build(api, OLD)
-    await add_build(api, NEW)
-    runners = Fleet(api, admin)
-    await runners.everyone(ORGS)
+    admin, runners = await on_channel(api, ORGS)
     rollout = await start(api, admin)
     rollout_id = rollout["rolloutId"]
     orgs = included(rollout)
@@ -718,11 +705,7 @@ async def test_a_restart_mid_stage_resumes_with_the_same_deadline_and_counts(
     make_api: MakeApi, settings: Settings, clock: ManualClock
 ) -> None:
     api = await make_api()
-    admin = await api.token("admin")
-    await add_build(api, OLD)
-    await add_build(api, NEW)
-    runners = Fleet(api, admin)
-    await runners.everyone(ORGS)
+    admin, runners = await on_channel(api, ORGS)
     rollout = await start(api, admin)
     rollout_id = rollout["rolloutId"]
     orgs = included(rollout)
@@ -754,11 +737,7 @@ async def test_a_manual_advance_racing_an_automatic_rollback_ends_consistent(
     make_api: MakeApi, one_stage: Settings
 ) -> None:
     api = await make_api(settings_override=one_stage.replace(stages_stable="50%:1h,100%"))
-    admin = await api.token("admin")
-    await add_build(api, OLD)
-    await add_build(api, NEW)
-    runners = Fleet(api, admin)
-    await runners.everyone(ORGS)
+    admin, runners = await on_channel(api, ORGS)
     rollout = await start(api, admin)
     rollout_id = rollout["rolloutId"]
     orgs = included(rollout)
@@ -814,14 +793,10 @@ async def test_orgs_that_appear_after_a_stage_began_join_it_as_their_cohort_says
     make_api: MakeApi, settings: Settings
 ) -> None:
     api = await make_api(settings_override=settings.replace(stages_stable="30%:1h,100%"))
-    admin = await api.token("admin")
-    await add_build(api, OLD)
-    await add_build(api, NEW)
-    await api.request("PUT", "/channels/stable", token=admin, json={"buildId": OLD, "reason": "x"})
+    admin, runners = await on_channel(api, [])
     rollout = await start(api, admin)  # before any org has been heard from
     rollout_id = rollout["rolloutId"]
     assert rollout["affectedOrgCount"] == 0
-    runners = Fleet(api, admin)
     # The first org in joins an empty stage, whatever its bucket, on its first heartbeat.
     answer = await runners.beat(ORGS[0])
     assert (answer["desiredBuildId"], answer["rolloutId"]) == (NEW, rollout_id)
@@ -843,11 +818,7 @@ async def test_the_timer_component_advances_a_rollout_at_its_deadline(
     from app.rollouts.controller import RolloutTimer
 
     api = await make_api(build=lambda services: [RolloutTimer(services.rollouts)])
-    admin = await api.token("admin")
-    await add_build(api, OLD)
-    await add_build(api, NEW)
-    runners = Fleet(api, admin)
-    await runners.everyone(ORGS)
+    admin, runners = await on_channel(api, ORGS)
     rollout = await start(api, admin)
     orgs = included(rollout)
     await runners.everyone(orgs)
