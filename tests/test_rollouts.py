@@ -772,7 +772,7 @@ async def test_a_manual_advance_racing_an_automatic_rollback_ends_consistent(
 # -- the gate arithmetic ---------------------------------------------------------------------------
 
 
-def test_the_live_tally_agrees_with_judging_the_whole_stage() -> None:
+def test_a_tally_fed_heartbeat_by_heartbeat_agrees_with_judging_the_totals() -> None:
     import random
 
     rng = random.Random(7)

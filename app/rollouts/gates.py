@@ -60,25 +60,10 @@ def judge_stage(by_org: Mapping[str, Counts], thresholds: Thresholds) -> Verdict
     sessions, but only if it is above the threshold in at least two orgs' own data (or
     in the only org's): one misbehaving org cannot pull a build back from a healthy
     fleet; it holds the stage instead. Below the minimum nothing is decided."""
-    total = sum(by_org.values(), Counts())
-    if total.started < thresholds.min_sessions:
-        return Verdict("insufficient", total)
-    held: Verdict | None = None
-    for metric, limit in (
-        ("failure_rate", thresholds.max_failure_rate),
-        ("disconnect_rate", thresholds.max_disconnect_rate),
-    ):
-        overall = getattr(total, metric)
-        if overall <= limit:
-            continue
-        over = tuple(
-            sorted(org for org, c in by_org.items() if c.started and getattr(c, metric) > limit)
-        )
-        orgs_with_data = [org for org, c in by_org.items() if c.started]
-        if len(over) >= 2 or (len(orgs_with_data) == 1 and over):
-            return Verdict("rollback", total, metric, overall, limit, over)
-        held = held or Verdict("held", total, metric, overall, limit, over)
-    return held or Verdict("pass", total)
+    tally = StageTally(thresholds)
+    for org, counts in by_org.items():
+        tally.add(org, counts)
+    return tally.verdict()
 
 
 def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
@@ -160,8 +145,9 @@ def judge_regression(
 
 class StageTally:
     """A stage's sessions as heartbeats arrive, judged in constant time per heartbeat:
-    totals and the orgs over each threshold are kept up to date, so ``verdict`` agrees
-    with ``judge_stage`` over the same counts without summing every org again."""
+    totals and the orgs over each threshold are kept up to date as counts are added, so
+    a verdict never sums every org again (``judge_stage`` is the same judgement of
+    counts known at once)."""
 
     __slots__ = ("_over", "_with_data", "baseline", "by_org", "thresholds", "total")
 
