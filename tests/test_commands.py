@@ -37,6 +37,12 @@ KNOWN = {"deploy", "rollback", "help"}
 PERMISSION_KEY = "GET /repos/{owner}/{repo}/collaborators/{username}/permission"
 
 
+def _flags(level: int) -> dict[str, bool]:
+    """A collaborator's ``permissions`` flags up to ``level`` (1 pull ... 5 admin)."""
+    names = ("pull", "triage", "push", "maintain", "admin")
+    return {name: n < level for n, name in enumerate(names)}
+
+
 def parsed(body: str) -> list[tuple[str, str, int]]:
     return [(c.name, c.args, c.line) for c in parse_commands(body, KNOWN)]
 
@@ -295,9 +301,12 @@ async def test_permission_matrix_for_built_in_roles(
         ("deployer", "write", Permission.WRITE),
         ("auditor", "read", Permission.READ),
         ("release-manager", "admin", Permission.ADMIN),
+        # Above what the legacy field says (write, read): the user's permission flags.
+        ("release-captain", "maintain", Permission.MAINTAIN),
+        ("reviewer", "triage", Permission.TRIAGE),
     ],
 )
-async def test_a_custom_role_counts_as_its_legacy_permission(
+async def test_a_custom_role_counts_as_its_base_role(
     github: FakeGitHub,
     app_github: GitHubApp,
     installation: int,
@@ -346,6 +355,15 @@ async def test_other_errors_are_raised(
         ({"permission": "admin"}, Permission.ADMIN),
         ({"role_name": None, "permission": None}, Permission.NONE),
         ({}, Permission.NONE),
+        (
+            {"role_name": "captain", "permission": "write", "user": {"permissions": _flags(4)}},
+            Permission.MAINTAIN,
+        ),
+        (
+            {"role_name": "reviewer", "permission": "read", "user": {"permissions": _flags(2)}},
+            Permission.TRIAGE,
+        ),
+        ({"role_name": "x", "user": {"permissions": _flags(0)}}, Permission.NONE),
     ],
 )
 def test_permission_from_an_answer(body: dict[str, object], expected: Permission) -> None:

@@ -156,12 +156,28 @@ LEGACY_PERMISSIONS = {
 PERMISSION_URL = "/repos/{owner}/{repo}/collaborators/{username}/permission"
 
 
+_FLAGS = (
+    ("admin", Permission.ADMIN),
+    ("maintain", Permission.MAINTAIN),
+    ("push", Permission.WRITE),
+    ("triage", Permission.TRIAGE),
+    ("pull", Permission.READ),
+)
+
+
 def permission_from(body: Mapping[str, Any]) -> Permission:
-    """The level in GitHub's answer: ``role_name`` when a built-in role, else the legacy
-    ``permission`` (a custom role's base); anything unknown counts as none."""
+    """The level in GitHub's answer: ``role_name`` when a built-in role; for a custom role,
+    the highest of the user's ``permissions`` flags (its base role's: the legacy
+    ``permission`` says only admin, write or read, so a role based on maintain would read
+    as write and one based on triage as read), else that legacy ``permission``; anything
+    unknown counts as none."""
     role = body.get("role_name")
     if isinstance(role, str) and role in BUILT_IN_ROLES:
         return BUILT_IN_ROLES[role]
+    user = body.get("user")
+    flags = user.get("permissions") if isinstance(user, Mapping) else None
+    if isinstance(flags, Mapping):
+        return next((level for flag, level in _FLAGS if flags.get(flag) is True), Permission.NONE)
     legacy = body.get("permission")
     if isinstance(legacy, str):
         return LEGACY_PERMISSIONS.get(legacy, Permission.NONE)
@@ -272,6 +288,7 @@ class Place:
     issue_number: int
     is_pull_request: bool
     labels: frozenset[str]  # lower-cased
+    closed: bool = False
 
 
 @dataclass
@@ -419,6 +436,7 @@ async def comment_created(event: sansio.Event, context: WebhookContext) -> None:
         int(issue["number"]),
         "pull_request" in issue,
         frozenset(str(label.get("name", "")).lower() for label in issue.get("labels") or ()),
+        issue.get("state") == "closed",
     )
     actor = str(comment["user"]["login"])
     try:
