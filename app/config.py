@@ -134,6 +134,10 @@ class Settings:
     min_release_age: timedelta = timedelta(0)
     package_page_url: str | None = None  # template with {package} and {version}
     runner_repo: str | None = None  # owner/name of the runner repository
+    control_repo: str | None = None  # owner/name where rollouts are tracked as issues
+    notify_team: str | None = None  # @org/team mentioned on automatic rollbacks
+    # Slash command -> the permission it needs, where it differs from the defaults.
+    command_permissions: tuple[tuple[str, str], ...] = ()
     runtime_manifest: str = "runtimes.json"  # provider -> version, in the runner repository
     public_url: str | None = None  # where people reach this service, for links
     canary_workflow: str = "canary.yml"
@@ -234,6 +238,11 @@ class _Reader:
                 "UPDATE_PIPELINE_PACKAGE_PAGE_URL", _page_template, d.package_page_url
             ),
             runner_repo=self.get("UPDATE_PIPELINE_RUNNER_REPO", _repo_name, d.runner_repo),
+            control_repo=self.get("UPDATE_PIPELINE_CONTROL_REPO", _repo_name, d.control_repo),
+            notify_team=self.get("UPDATE_PIPELINE_NOTIFY_TEAM", _team, d.notify_team),
+            command_permissions=self.get(
+                "UPDATE_PIPELINE_COMMAND_PERMISSIONS", _command_permissions, d.command_permissions
+            ),
             runtime_manifest=self.get(
                 "UPDATE_PIPELINE_RUNTIME_MANIFEST", _repo_path, d.runtime_manifest
             ),
@@ -344,6 +353,34 @@ def _repo_name(text: str) -> str:
     if not _REPO.match(name) or name.endswith(("/.", "/..")):
         raise ValueError(f"{text!r} is not a repository as owner/name")
     return name
+
+
+_TEAM = re.compile(r"^@?([A-Za-z0-9](?:[A-Za-z0-9-]{0,38}))/([A-Za-z0-9._-]{1,100})$")
+
+
+def _team(text: str) -> str:
+    match = _TEAM.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a team as @org/team-slug")
+    return f"@{match[1]}/{match[2]}"
+
+
+_LEVELS = ("read", "triage", "write", "maintain", "admin")
+_COMMAND_NAME = re.compile(r"^/?([a-z][a-z0-9_-]*)$")
+
+
+def _command_permissions(text: str) -> tuple[tuple[str, str], ...]:
+    pairs: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, level = (x.strip() for x in part.partition("="))
+        match = _COMMAND_NAME.match(name.lower())
+        if not sep or not match or level.lower() not in _LEVELS:
+            raise ValueError(
+                f"{part!r} is not COMMAND=LEVEL with LEVEL one of {', '.join(_LEVELS)}"
+                " (such as pause=maintain)"
+            )
+        pairs[match[1]] = level.lower()
+    return tuple(sorted(pairs.items()))
 
 
 def _public_url(text: str) -> str:

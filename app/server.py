@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import aiohttp
 from aiohttp import web
+from gidgethub import routing
 
 from app.api import build_route_table
 from app.api.errors import error_middleware
@@ -17,7 +18,7 @@ from app.api.routing import OPENAPI, SERVICES
 from app.clock import Clock
 from app.config import Settings
 from app.fleet.service import retention
-from app.github import canary, commands, installations
+from app.github import canary, commands, installations, tracking
 from app.github.app import GitHubApp
 from app.github.bump import BumpHandoff
 from app.github.canary import GitHubCanaryReporter
@@ -75,15 +76,25 @@ def github_components(
             components.append(MissedDeliverySweep(missed))
         components.append(OutboxWorker(services.outbox, services.github))
     commands_registry = command_registry or CommandRegistry()
+    routers: list[routing.Router] = []
     settings = services.settings
     if services.github is not None and settings.runner_repo is not None:
         # Canaries show on GitHub: check runs, dispatches, and /canary on pull requests.
         services.canary.reporter = GitHubCanaryReporter(services.store, settings, services.clock)
         services.canary.effects_written = services.outbox.written
         canary.register_commands(commands_registry, services.canary, settings)
+    if services.github is not None and settings.control_repo is not None:
+        # Rollouts are tracked as issues in the control repository, and steered there.
+        reporter = tracking.TrackingReporter(services.store, settings)
+        services.rollouts.reporter = reporter
+        services.rollouts.effects_written = services.outbox.written
+        tracking.register_commands(commands_registry, services.rollouts, reporter)
+        sync = tracking.TrackingSync(services.rollouts, reporter, services.outbox, services.clock)
+        components.append(sync)
+        routers.append(tracking.router_for(services.rollouts, reporter, sync))
     # Every feature's router, merged here so one place shows all that reacts to GitHub;
     # features add their slash commands to the one registry.
-    routers = [installations.router, commands.router, canary.router]
+    routers += [installations.router, commands.router, canary.router]
     context = WebhookContext(
         installations=registry,
         github=services.github,

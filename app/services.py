@@ -40,6 +40,11 @@ class Services:
     sse_keepalive_seconds: float = 15.0
 
     @property
+    def tracking_issues(self) -> str:
+        repo = self.settings.control_repo
+        return repo if repo is not None and self.github is not None else "off"
+
+    @property
     def github_state(self) -> str:
         return self.github.state if self.github is not None else NOT_CONFIGURED
 

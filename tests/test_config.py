@@ -577,3 +577,27 @@ def test_canary_settings_are_read() -> None:
         "http://127.0.0.1:9999",
         "pipeline-prod",
     )
+
+
+def test_rollout_tracking_settings_are_read_and_checked() -> None:
+    settings = Settings.from_env(
+        {
+            "UPDATE_PIPELINE_CONTROL_REPO": " acme/releases ",
+            "UPDATE_PIPELINE_NOTIFY_TEAM": "acme/oncall",
+            "UPDATE_PIPELINE_COMMAND_PERMISSIONS": "/pause=Maintain, status=write,",
+            "UPDATE_PIPELINE_HEARTBEAT_INTERVAL": "2s",
+        }
+    )
+    assert (settings.control_repo, settings.notify_team) == ("acme/releases", "@acme/oncall")
+    assert settings.command_permissions == (("pause", "maintain"), ("status", "write"))
+    assert settings.heartbeat_interval == timedelta(seconds=2)
+    for variable, raw in [
+        ("UPDATE_PIPELINE_CONTROL_REPO", "releases"),
+        ("UPDATE_PIPELINE_NOTIFY_TEAM", "@oncall"),
+        ("UPDATE_PIPELINE_COMMAND_PERMISSIONS", "pause=owner"),
+        ("UPDATE_PIPELINE_COMMAND_PERMISSIONS", "pause"),
+        ("UPDATE_PIPELINE_HEARTBEAT_INTERVAL", "1500ms"),
+        ("UPDATE_PIPELINE_HEARTBEAT_INTERVAL", "2h"),
+    ]:
+        (problem,) = config_error({variable: raw}).problems
+        assert problem.startswith(f"{variable}: "), problem

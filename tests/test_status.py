@@ -19,6 +19,7 @@ STATUS_KEYS = {
     "knownVersions",
     "recommendedBuilds",
     "frozen",
+    "trackingIssues",
     "github",
 }
 
@@ -65,6 +66,7 @@ async def test_status_of_an_empty_pipeline_has_the_design_shape(api: Api):
         "knownVersions": {"claude_code": None, "codex": None, "gemini_cli": None},
         "recommendedBuilds": {"stable": None, "beta": None},
         "frozen": None,
+        "trackingIssues": "off",
         "github": "not configured",
     }
 

@@ -59,6 +59,7 @@ STATUS_SCHEMA: dict[str, Any] = {
         "knownVersions",
         "recommendedBuilds",
         "frozen",
+        "trackingIssues",
         "github",
     ],
     "additionalProperties": False,
@@ -93,6 +94,12 @@ STATUS_SCHEMA: dict[str, Any] = {
                 },
             ],
             "description": "The global rollout freeze, when on: why, by whom, since when.",
+        },
+        "trackingIssues": {
+            "type": "string",
+            "description": "Where rollouts are tracked as GitHub issues: the control repository"
+            " (owner/name), or 'off' (UPDATE_PIPELINE_CONTROL_REPO unset or the App not"
+            " configured).",
         },
         "github": {
             "type": "string",
@@ -137,7 +144,11 @@ async def status(call: Call) -> web.StreamResponse:
         message = NOT_ENABLED if services.pipeline_error is None else UNAVAILABLE
         raise ApiError(503, "SERVICE_UNAVAILABLE", message)
     try:
-        body = {**await services.pipeline.status(), "github": services.github_state}
+        body = {
+            **await services.pipeline.status(),
+            "trackingIssues": services.tracking_issues,
+            "github": services.github_state,
+        }
     except Exception:
         log.exception("computing the pipeline status failed")
         raise ApiError(503, "SERVICE_UNAVAILABLE", UNAVAILABLE) from None

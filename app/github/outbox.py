@@ -127,13 +127,13 @@ def edit_issue(
     title: str | None = None,
     body: str | None = None,
     state: str | None = None,
+    state_reason: str | None = None,
 ) -> NewEffect:
     """Edit an issue, by number or by the key of an issue the outbox opened. A body edit
     replaces any older body edit of the same issue still waiting to be applied."""
     target = _issue_ref(repo, issue_number, issue_key)
-    fields = {
-        k: v for k, v in {"title": title, "body": body, "state": state}.items() if v is not None
-    }
+    given = {"title": title, "body": body, "state": state, "state_reason": state_reason}
+    fields = {k: v for k, v in given.items() if v is not None}
     payload = {"repo": repo, "issue_number": issue_number, "issue_key": issue_key, **fields}
     replace_key = f"{target}:body" if body is not None and set(fields) == {"body"} else None
     return NewEffect(installation_id, target, "issue_edit", payload, replace_key)
@@ -357,7 +357,7 @@ async def _issue(attempt: Attempt) -> Mapping[str, Any]:
 @applier("issue_edit")
 async def _issue_edit(attempt: Attempt) -> None:
     p = attempt.payload
-    data = {k: p[k] for k in ("title", "body", "state") if k in p}
+    data = {k: p[k] for k in ("title", "body", "state", "state_reason") if k in p}
     if "body" in data and p.get("issue_key"):
         # An issue the outbox opened keeps its marker, so it can always be found again.
         data["body"] = _with_marker(str(data["body"]), str(p["issue_key"]))

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.clock import Clock, isoformat
 from app.config import Settings
@@ -36,6 +36,7 @@ from app.rollouts.gates import (
 )
 from app.rollouts.plan import Stage, format_stages, parse_stages
 from app.store import (
+    AlreadyDone,
     Approval,
     ChannelChange,
     Conflict,
@@ -43,11 +44,13 @@ from app.store import (
     Freeze,
     HistoryEntry,
     Inclusion,
+    NewEffect,
     Org,
     Rollout,
     RolloutChange,
     StaleRollout,
     Store,
+    TrackingIssue,
 )
 
 if TYPE_CHECKING:
@@ -135,6 +138,31 @@ class RolloutView:
     frozen: Freeze | None
 
 
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One change about to be written: the rollout before (None when it starts), after,
+    and the history entries that say what happened."""
+
+    before: Rollout | None
+    after: Rollout
+    history: tuple[HistoryEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """What a reporter adds to a change's transaction."""
+
+    effects: tuple[NewEffect, ...] = ()
+    tracking: TrackingIssue | None = None
+
+
+class RolloutReporter(Protocol):
+    """Turns a rollout's changes into GitHub side effects (implemented in app/github/,
+    so the controller knows nothing of GitHub)."""
+
+    async def report(self, transition: Transition) -> Reported: ...
+
+
 class RolloutController:
     def __init__(
         self, store: Store, fleet: Fleet, bus: EventBus, clock: Clock, settings: Settings
@@ -148,6 +176,10 @@ class RolloutController:
         self.wake = asyncio.Event()
         # Told of every committed change (tracking issues follow rollouts through this).
         self.listeners: list[Callable[[Rollout, Sequence[EventRecord]], None]] = []
+        # Turns each change into GitHub side effects written with it (tracking issues);
+        # effects_written wakes whoever applies them.
+        self.reporter: RolloutReporter | None = None
+        self.effects_written: Callable[[], None] | None = None
         self._tripping: set[str] = set()
         fleet.on_counted = self._counted
         fleet.on_joining = self._joining
@@ -180,8 +212,11 @@ class RolloutController:
         by: str,
         force: bool = False,
         reason: str | None = None,
+        once: str | None = None,
     ) -> Rollout:
-        """Start rolling a build out on a channel; the first stage is committed at once."""
+        """Start rolling a build out on a channel; the first stage is committed at once.
+        ``once`` (on every command) is the key of the command's source, such as a
+        comment: a second attempt with it changes nothing and answers the first's result."""
         if channel not in CHANNELS:
             raise RolloutError(f"channel: {channel!r} is not one of {', '.join(CHANNELS)}")
         build = await self.store.get_build(build_id)
@@ -195,6 +230,8 @@ class RolloutController:
             )
         if force and not (reason or "").strip():
             raise RolloutError("reason: a forced rollout needs a reason")
+        if once is not None and (done := await self.store.command_done(once)):
+            return await self._get(done)
         async with self.lock:
             frozen = await self.store.get_freeze()
             if frozen is not None:
@@ -226,6 +263,7 @@ class RolloutController:
                 await self._write(
                     None,
                     rollout,
+                    once=once,
                     history=[
                         self._entry(rollout, by, "start", "pending", reason=rollout.forced_reason)
                     ],
@@ -245,6 +283,8 @@ class RolloutController:
                 )
             except Conflict:
                 raise Refused(f"a rollout is already active on the {channel} channel") from None
+            except AlreadyDone as done:
+                return await self._get(done.rollout_id)
         log.info(
             "rollout %s of %s on %s started by %s at %g%% (%d orgs)",
             rollout.rollout_id,
@@ -257,11 +297,15 @@ class RolloutController:
         await self.step(rollout.rollout_id)
         return await self._get(rollout.rollout_id)
 
-    async def pause(self, rollout_id: str, *, by: str, reason: str | None = None) -> Rollout:
+    async def pause(
+        self, rollout_id: str, *, by: str, reason: str | None = None, once: str | None = None
+    ) -> Rollout:
         """Halt at the current percentage: no new inclusions, the stage's clock stopped;
         included orgs stay on the build."""
         async with self.lock:
             r = await self._get(rollout_id)
+            if once is not None and await self.store.command_done(once):
+                return r  # this command was acted on before: nothing again
             if r.state != "rolling_out":
                 raise InvalidTransition(r, "pause")
             now = self.clock.now()
@@ -277,15 +321,18 @@ class RolloutController:
             after = await self._write(
                 r,
                 after,
+                once=once,
                 history=[self._entry(after, by, "pause", r.state, reason=reason)],
                 events=[("rollout_paused", {**_ids(after), "by": by, "reason": reason})],
             )
         return after
 
-    async def resume(self, rollout_id: str, *, by: str) -> Rollout:
+    async def resume(self, rollout_id: str, *, by: str, once: str | None = None) -> Rollout:
         """Continue a paused rollout; its stage's watch goes on from where it stopped."""
         async with self.lock:
             r = await self._get(rollout_id)
+            if once is not None and await self.store.command_done(once):
+                return r  # this command was acted on before: nothing again
             if r.state != "paused":
                 raise InvalidTransition(r, "resume")
             now = self.clock.now()
@@ -304,17 +351,22 @@ class RolloutController:
             await self._write(
                 r,
                 after,
+                once=once,
                 history=[self._entry(after, by, "resume", r.state)],
                 events=[("rollout_resumed", {**_ids(after), "by": by})],
             )
         await self.step(rollout_id)
         return await self._get(rollout_id)
 
-    async def advance(self, rollout_id: str, *, by: str, to: float | None = None) -> Rollout:
+    async def advance(
+        self, rollout_id: str, *, by: str, to: float | None = None, once: str | None = None
+    ) -> Rollout:
         """Move to the next stage now (or to the plan's stage at ``to`` percent), whatever
         the current stage's clock says: a person's decision. Not while frozen."""
         async with self.lock:
             r = await self._get(rollout_id)
+            if once is not None and await self.store.command_done(once):
+                return r  # this command was acted on before: nothing again
             if r.state != "rolling_out":
                 raise InvalidTransition(r, "advance")
             frozen = await self.store.get_freeze()
@@ -337,12 +389,18 @@ class RolloutController:
                 raise Refused(
                     f"rollout {rollout_id} is already at {r.percentage:g}%; it only moves forward"
                 )
-            await self._advance(r, target, by=by)
+            await self._advance(r, target, by=by, once=once)
         await self.step(rollout_id)
         return await self._get(rollout_id)
 
     async def rollback(
-        self, rollout_id: str, *, by: str, reason: str, trip: Verdict | None = None
+        self,
+        rollout_id: str,
+        *,
+        by: str,
+        reason: str,
+        trip: Verdict | None = None,
+        once: str | None = None,
     ) -> Rollout:
         """Send every included org back to the build it ran before. Allowed while rolling
         out or paused, and within the rollback window after completion (which also
@@ -351,6 +409,8 @@ class RolloutController:
             raise RolloutError("reason: a rollback needs a reason")
         async with self.lock:
             r = await self._get(rollout_id)
+            if once is not None and await self.store.command_done(once):
+                return r  # this command was acted on before: nothing again
             now = self.clock.now()
             channel: ChannelChange | None = None
             if r.state == "completed":
@@ -393,6 +453,7 @@ class RolloutController:
             after = await self._write(
                 r,
                 after,
+                once=once,
                 history=[
                     self._entry(after, by, "rollback", r.state, reason=reason, details=details)
                 ],
@@ -421,11 +482,19 @@ class RolloutController:
         return after
 
     async def approve(
-        self, rollout_id: str, org_id: str, *, by: str, skip: bool = False
+        self,
+        rollout_id: str,
+        org_id: str,
+        *,
+        by: str,
+        skip: bool = False,
+        once: str | None = None,
     ) -> Rollout:
         """Record an enterprise org's decision; an approval takes effect at 100%."""
         async with self.lock:
             r = await self._get(rollout_id)
+            if once is not None and await self.store.command_done(once):
+                return r  # this command was acted on before: nothing again
             if r.state not in ("rolling_out", "paused"):
                 raise InvalidTransition(r, "record an approval for")
             state = await self.fleet.current()
@@ -442,6 +511,7 @@ class RolloutController:
             await self._write(
                 r,
                 after,
+                once=once,
                 history=[self._entry(after, by, decision, r.state, details={"orgId": org_id})],
                 approval=Approval(org_id, decision, by, now),
                 events=[
@@ -453,6 +523,32 @@ class RolloutController:
             )
         await self.step(rollout_id)
         return await self._get(rollout_id)
+
+    async def withdraw(
+        self, rollout_id: str, org_id: str, *, by: str, once: str | None = None
+    ) -> Rollout:
+        """Take back an enterprise org's approval or skip before it took effect."""
+        async with self.lock:
+            r = await self._get(rollout_id)
+            if once is not None and await self.store.command_done(once):
+                return r
+            if r.state not in ("rolling_out", "paused"):
+                raise InvalidTransition(r, "withdraw an approval for")
+            approvals = {a.org_id: a for a in await self.store.rollout_approvals(rollout_id)}
+            if org_id not in approvals:
+                raise Refused(f"org {org_id} has not decided on rollout {rollout_id}")
+            included = {i.org_id for i in await self.store.rollout_orgs(rollout_id)}
+            if org_id in included:
+                raise Refused(f"org {org_id}'s approval has taken effect; roll back instead")
+            after = dataclasses.replace(r, updated_at=self.clock.now())
+            return await self._write(
+                r,
+                after,
+                once=once,
+                withdraw=org_id,
+                history=[self._entry(after, by, "withdrawn", r.state, details={"orgId": org_id})],
+                events=[("rollout_org_withdrawn", {**_ids(after), "orgId": org_id, "by": by})],
+            )
 
     async def freeze(self, reason: str, *, by: str) -> Freeze:
         """Stop every rollout from starting or advancing (automatic rollbacks go on)."""
@@ -571,7 +667,9 @@ class RolloutController:
         finally:
             self._tripping.discard(r.rollout_id)
 
-    async def _advance(self, r: Rollout, index: int, *, by: str) -> Rollout:
+    async def _advance(
+        self, r: Rollout, index: int, *, by: str, once: str | None = None
+    ) -> Rollout:
         stages = parse_stages(r.plan)
         stage = stages[index]
         now = self.clock.now()
@@ -599,6 +697,7 @@ class RolloutController:
         after = await self._write(
             r,
             after,
+            once=once,
             history=[self._entry(after, by, "advance", r.state, details=details)],
             inclusions=inclusions,
             events=[
@@ -712,8 +811,15 @@ class RolloutController:
         void_approvals: bool = False,
         channel: ChannelChange | None = None,
         events: Sequence[tuple[str, Mapping[str, Any]]] = (),
+        once: str | None = None,
+        withdraw: str | None = None,
     ) -> Rollout:
         written = dataclasses.replace(after, version=(before.version + 1) if before else 1)
+        reported = (
+            await self.reporter.report(Transition(before, written, tuple(history)))
+            if self.reporter is not None
+            else Reported()
+        )
         change = RolloutChange(
             written,
             before.version if before is not None else None,
@@ -723,6 +829,10 @@ class RolloutController:
             void_approvals,
             channel,
             events,
+            reported.effects,
+            reported.tracking,
+            once,
+            withdraw,
         )
         records = await self.store.write_rollout(
             change, self.clock.now(), keep_events=self.bus.keep
@@ -730,6 +840,8 @@ class RolloutController:
         self.fleet.invalidate()
         self.bus.deliver(records)
         self.wake.set()
+        if reported.effects and self.effects_written is not None:
+            self.effects_written()
         for listener in self.listeners:
             listener(written, records)
         return written

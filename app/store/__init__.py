@@ -1,6 +1,7 @@
 """Persistence: every SQL statement of the app lives in this package."""
 
 from app.store.base import (
+    AlreadyDone,
     Approval,
     BuildRecord,
     CanaryOutcome,
@@ -34,11 +35,13 @@ from app.store.base import (
     Store,
     StoreError,
     TokenRecord,
+    TrackingIssue,
 )
 from app.store.lock import InstanceLock
 from app.store.sqlite import SqliteStore
 
 __all__ = [
+    "AlreadyDone",
     "Approval",
     "BuildRecord",
     "CanaryOutcome",
@@ -74,4 +77,5 @@ __all__ = [
     "Store",
     "StoreError",
     "TokenRecord",
+    "TrackingIssue",
 ]

@@ -230,6 +230,29 @@ class RolloutChange:
     void_approvals: bool = False
     channel: ChannelChange | None = None
     events: Sequence[tuple[str, Mapping[str, Any]]] = ()
+    effects: Sequence[NewEffect] = ()  # GitHub side effects that follow the change
+    tracking: TrackingIssue | None = None  # a tracking issue to record (or replace)
+    once: str | None = None  # the key of the command making it: AlreadyDone if seen
+    withdraw: str | None = None  # an org whose approval is taken back
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingIssue:
+    """The GitHub issue that tracks a rollout (its number None until GitHub made it)."""
+
+    rollout_id: str
+    repo: str
+    installation_id: int
+    key: str
+    number: int | None = None
+
+
+class AlreadyDone(Exception):
+    """The command this change carries the key of was acted on before, on ``rollout_id``."""
+
+    def __init__(self, message: str, rollout_id: str) -> None:
+        super().__init__(message)
+        self.rollout_id = rollout_id
 
 
 class StaleRollout(Exception):
@@ -501,6 +524,14 @@ class Store(Protocol):
     ) -> list[EventRecord]: ...
     async def include_org(self, rollout_id: str, inclusion: Inclusion, *, version: int) -> bool: ...
     async def get_rollout(self, rollout_id: str) -> Rollout | None: ...
+    async def command_done(self, key: str) -> str | None: ...
+    async def tracking_issue(self, rollout_id: str) -> TrackingIssue | None: ...
+    async def tracking_issue_by_number(self, repo: str, number: int) -> TrackingIssue | None: ...
+    async def unnumbered_tracking_issues(self, repo: str) -> list[TrackingIssue]: ...
+    async def set_tracking_number(self, rollout_id: str, key: str, number: int) -> None: ...
+    async def replace_tracking_issue(
+        self, tracking: TrackingIssue, effects: Sequence[NewEffect], at: datetime
+    ) -> None: ...
     async def list_rollouts(
         self, *, state: str | None, channel: str | None, before: str | None, limit: int
     ) -> list[Rollout]: ...

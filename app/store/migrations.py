@@ -454,4 +454,33 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        11,
+        "rollout tracking issues",
+        """
+        -- The GitHub issue that tracks a rollout: the key its hidden marker carries (a
+        -- new key when the issue is recreated) and, once GitHub has made it, its number.
+        CREATE TABLE tracking_issues (
+            rollout_id      TEXT PRIMARY KEY REFERENCES active_rollouts (rollout_id),
+            repo            TEXT NOT NULL,
+            installation_id INTEGER NOT NULL,
+            issue_key       TEXT NOT NULL,
+            issue_number    INTEGER,
+            created_at      TEXT NOT NULL
+        );
+        CREATE INDEX tracking_issues_number ON tracking_issues (repo, issue_number);
+
+        -- Commands acted on, by a key of their source (a comment and the command's place
+        -- in it), written with the change they made: a delivery processed again after a
+        -- crash finds its command done and does not act twice.
+        CREATE TABLE rollout_commands (
+            key        TEXT PRIMARY KEY,
+            rollout_id TEXT NOT NULL,
+            at         TEXT NOT NULL
+        );
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

@@ -17,6 +17,7 @@ import aiosqlite
 from app.clock import isoformat, parse_iso
 from app.logs import get_logger
 from app.store.base import (
+    AlreadyDone,
     Approval,
     BuildRecord,
     CanaryOutcome,
@@ -49,6 +50,7 @@ from app.store.base import (
     StatusCounts,
     StoreError,
     TokenRecord,
+    TrackingIssue,
 )
 from app.store.migrations import MIGRATIONS, Migration
 
@@ -777,6 +779,17 @@ class SqliteStore:
         )
         events: list[EventRecord] = []
         async with self._transaction() as db:
+            if change.once is not None:
+                cursor = await db.execute(
+                    "INSERT INTO rollout_commands (key, rollout_id, at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key) DO NOTHING",
+                    (change.once, r.rollout_id, isoformat(at)),
+                )
+                if not cursor.rowcount:
+                    done = await _scalar(
+                        db, "SELECT rollout_id FROM rollout_commands WHERE key = ?", (change.once,)
+                    )
+                    raise AlreadyDone(f"{change.once} was acted on before", str(done))
             if change.expected_version is None:
                 try:
                     await db.execute(
@@ -818,6 +831,11 @@ class SqliteStore:
                     " voided_at = NULL",
                     (r.rollout_id, a.org_id, a.decision, a.decided_by, isoformat(a.decided_at)),
                 )
+            if change.withdraw is not None:
+                await db.execute(
+                    "DELETE FROM rollout_approvals WHERE rollout_id = ? AND org_id = ?",
+                    (r.rollout_id, change.withdraw),
+                )
             if change.void_approvals:
                 await db.execute(
                     "UPDATE rollout_approvals SET voided_at = ? WHERE rollout_id = ?"
@@ -848,7 +866,76 @@ class SqliteStore:
                 events.append(await _set_channel(db, r.channel, change.channel, at, keep_events))
             for type_, data in change.events:
                 events.append(await _insert_event(db, type_, data, at, keep_events))
+            if change.tracking is not None:
+                t = change.tracking
+                await db.execute(
+                    "INSERT INTO tracking_issues (rollout_id, repo, installation_id, issue_key,"
+                    " issue_number, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (rollout_id) DO UPDATE SET repo = excluded.repo,"
+                    " installation_id = excluded.installation_id,"
+                    " issue_key = excluded.issue_key, issue_number = excluded.issue_number",
+                    (
+                        t.rollout_id,
+                        t.repo.lower(),
+                        t.installation_id,
+                        t.key,
+                        t.number,
+                        isoformat(at),
+                    ),
+                )
+            await _insert_effects(db, change.effects, at)
         return events
+
+    async def command_done(self, key: str) -> str | None:
+        """The rollout a command with this key acted on, if it did."""
+        value = await _scalar(
+            self._r, "SELECT rollout_id FROM rollout_commands WHERE key = ?", (key,)
+        )
+        return str(value) if value is not None else None
+
+    async def tracking_issue(self, rollout_id: str) -> TrackingIssue | None:
+        async with self._r.execute(
+            "SELECT * FROM tracking_issues WHERE rollout_id = ?", (rollout_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _tracking(row) if row else None
+
+    async def tracking_issue_by_number(self, repo: str, number: int) -> TrackingIssue | None:
+        async with self._r.execute(
+            "SELECT * FROM tracking_issues WHERE repo = ? AND issue_number = ?",
+            (repo.lower(), number),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _tracking(row) if row else None
+
+    async def unnumbered_tracking_issues(self, repo: str) -> list[TrackingIssue]:
+        async with self._r.execute(
+            "SELECT * FROM tracking_issues WHERE repo = ? AND issue_number IS NULL",
+            (repo.lower(),),
+        ) as cursor:
+            return [_tracking(row) for row in await cursor.fetchall()]
+
+    async def replace_tracking_issue(
+        self, tracking: TrackingIssue, effects: Sequence[NewEffect], at: datetime
+    ) -> None:
+        """Point a rollout at a new tracking issue, with the entries that make it."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE tracking_issues SET issue_key = ?, issue_number = NULL"
+                " WHERE rollout_id = ?",
+                (tracking.key, tracking.rollout_id),
+            )
+            await _insert_effects(db, effects, at)
+
+    async def set_tracking_number(self, rollout_id: str, key: str, number: int) -> None:
+        """Record the number GitHub gave the issue made under ``key`` (unless the rollout's
+        issue has been replaced by another since)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE tracking_issues SET issue_number = ? WHERE rollout_id = ?"
+                " AND issue_key = ?",
+                (number, rollout_id, key),
+            )
 
     async def include_org(self, rollout_id: str, inclusion: Inclusion, *, version: int) -> bool:
         """Add one org to a rollout rolling out at ``version`` (an org that appeared after
@@ -2027,6 +2114,16 @@ def _rollout(row: sqlite3.Row) -> Rollout:
         finished_at=_dt(row["finished_at"]),
         rollback=json.loads(row["rollback"]) if row["rollback"] else None,
         version=row["version"],
+    )
+
+
+def _tracking(row: sqlite3.Row) -> TrackingIssue:
+    return TrackingIssue(
+        row["rollout_id"],
+        row["repo"],
+        row["installation_id"],
+        row["issue_key"],
+        row["issue_number"],
     )
 
 
