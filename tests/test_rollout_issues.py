@@ -91,8 +91,13 @@ class Control:
     def __init__(self, api: Api, github: FakeGitHub, installation: int) -> None:
         self.api, self.github, self.installation = api, github, installation
 
-    async def say(self, issue: int, body: str, *, user: str = "maintainer") -> int:
-        comment_id = self.github.add_comment(CONTROL, issue, body, user=user)
+    async def say(
+        self, issue: int, body: str, *, user: str = "maintainer", comment_id: int | None = None
+    ) -> int:
+        """Post a comment (or, with ``comment_id``, deliver that comment again as a new
+        delivery, as after a crash that lost the first one's outcome)."""
+        if comment_id is None:
+            comment_id = self.github.add_comment(CONTROL, issue, body, user=user)
         stored = self.github.repo(CONTROL).issue(issue)
         payload = copy.deepcopy(BASE)
         author = {**payload["comment"]["user"], "login": user, "type": "User"}
@@ -282,6 +287,58 @@ async def test_a_redelivered_or_repeated_command_acts_once(
     assert gh.reactions(said) == ["eyes", "rocket", "confused"]
     assert "needs a reason" in gh.comments(number)[-1]
     assert (await rollout(api))["state"] == "paused"
+
+
+async def test_the_same_comment_processed_again_does_not_act_twice(
+    api: Api, gh: Control, github: FakeGitHub
+):
+    admin = await api.token("admin")
+    await api.post("/rollouts", token=admin, json={"buildId": NEW, "channel": "stable"})
+    await gh.settled()
+    number = gh.tracking()["number"]
+    first = await gh.say(number, "/advance")
+    assert (await rollout(api))["currentPercentage"] == 100
+    await gh.say(number, "/advance", comment_id=first)  # a second delivery of it
+    r = await rollout(api)
+    _, history = await api.get(f"/rollouts/{r['rolloutId']}/history", token=admin)
+    assert [h["action"] for h in history["items"]] == ["start", "advance", "complete"]
+
+
+async def test_approve_skip_status_freeze_and_unfreeze_by_command(
+    api: Api, gh: Control, github: FakeGitHub
+):
+    admin = await api.token("admin")
+    for org in ("ent-a", "ent-b"):
+        await api.request(
+            "PUT",
+            f"/orgs/{org}",
+            token=admin,
+            json={"channel": "stable", "enterprise": {"approvalRequired": True}},
+        )
+    lobby = github.add_issue(CONTROL, "Releases")
+    await gh.say(lobby, "/rollout build-new")
+    assert "usage: `/rollout <buildId> <channel>`" in gh.comments(lobby)[-1]
+    await gh.say(lobby, "/rollout build-new stable")
+    number = gh.tracking()["number"]
+    await gh.say(number, "/approve ent-a\n/skip ent-b\n/approve nobody")
+    reply = gh.comments(number)[-1]
+    assert "`ent-a` approved" in reply and "`ent-b` skipped" in reply
+    assert "`/approve`: no org" in reply
+    await gh.say(number, "/status", user="triager")
+    assert "rolling out at 50%" in gh.comments(number)[-1]
+    await gh.say(lobby, "/freeze release week")
+    said = await gh.say(number, "/advance")
+    assert gh.reactions(said)[-1] == "confused"
+    assert "frozen" in gh.comments(number)[-1]
+    await gh.say(lobby, "/unfreeze")
+    await gh.say(number, "/advance full")
+    r = await rollout(api)
+    assert r["state"] == "completed"  # both enterprise orgs had decided
+    _, view = await api.get(f"/rollouts/{r['rolloutId']}", token=admin)
+    assert {e["orgId"]: e["decision"] for e in view["enterprise"]} == {
+        "ent-a": "approved",
+        "ent-b": "skipped",
+    }
 
 
 async def test_commands_outside_a_tracking_issue_say_so(api: Api, gh: Control, github: FakeGitHub):

@@ -522,8 +522,14 @@ class TrackingSync:
         r = view.rollout
         build = await self.store.get_build(r.build_id)
         run = await self.store.latest_canary_run(r.build_id)
-        canary = f"{run.state} (run {run.attempt})" if run is not None else None
         settings = self.reporter.settings
+        canary = f"{run.state} (run {run.attempt})" if run is not None else None
+        if canary is not None and build is not None and build.repository and build.commit_sha:
+            # Its check run lives on the commit the build was made from.
+            checks = (
+                f"{settings.github_web_url}/{build.repository}/commit/{build.commit_sha}/checks"
+            )
+            canary = f"[{canary}]({checks})"
         api_url = (
             f"{settings.public_url}/api/update-pipeline/rollouts/{rollout_id}"
             if settings.public_url
@@ -624,7 +630,12 @@ def register_commands(
                 )
         except RolloutError as exc:
             raise CommandRefused(escape_for_comment(str(exc), 300)) from None
-        return f"done: the rollout is {after.state.replace('_', ' ')} at {_pct(after.percentage)}."
+        where = f"the rollout is {after.state.replace('_', ' ')} at {_pct(after.percentage)}"
+        if action in ("approve", "skip"):
+            decided = "approved" if action == "approve" else "skipped"
+            # It named a real org, so an org id: safe in a code span.
+            return f"`{args}` {decided}; {where}."
+        return f"done: {where}."
 
     def handler(action: str) -> Any:
         async def handle(call: Invocation) -> str:
