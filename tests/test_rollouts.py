@@ -832,3 +832,52 @@ async def test_the_timer_component_advances_a_rollout_at_its_deadline(
     else:
         raise AssertionError("the timer did not advance the rollout")
     assert api.services.pipeline is not None and api.services.pipeline.health() is None
+
+
+async def test_the_fleet_kept_up_to_date_by_changes_equals_a_fresh_read(
+    api: Api, admin: str, fleet: Fleet, clock: ManualClock
+) -> None:
+    """Rollout changes update the heartbeat path's state in place rather than reading
+    every org again; after any sequence it must be what reading everything gives."""
+    service = api.services.fleet
+
+    async def same_as_fresh() -> None:
+        await fleet.everyone(ORGS[:3])  # uses (and so loads) the state
+        kept = await service.current()
+        service.invalidate()
+        fresh = await service.current()
+        assert kept.recommended == fresh.recommended
+        assert kept.live.keys() == fresh.live.keys()
+        for channel, live in kept.live.items():
+            assert (live.rollout, live.included) == (
+                fresh.live[channel].rollout,
+                fresh.live[channel].included,
+            )
+            assert dict(live.previous) == dict(fresh.live[channel].previous)
+        assert kept.settled == fresh.settled
+
+    for org in ("ent-a", "ent-b"):
+        await api.request(
+            "PUT",
+            f"/orgs/{org}",
+            token=admin,
+            json={"channel": "stable", "enterprise": {"approvalRequired": True}},
+        )
+    await fleet.everyone(["ent-a", "ent-b"])
+    first = await start(api, admin)
+    await same_as_fresh()
+    await command(api, admin, first["rolloutId"], "advance")
+    await same_as_fresh()
+    await command(api, admin, first["rolloutId"], "rollback", reason="bad")
+    await same_as_fresh()
+    await add_build(api, OTHER)
+    second = await start(api, admin, OTHER)
+    await command(api, admin, second["rolloutId"], "approve", orgId="ent-a")
+    await command(api, admin, second["rolloutId"], "approve", orgId="ent-b", skip=True)
+    await command(api, admin, second["rolloutId"], "advance", to=100)
+    await same_as_fresh()
+    await command(api, admin, second["rolloutId"], "rollback", reason="late")
+    await same_as_fresh()
+    third = await start(api, admin, OTHER)
+    await command(api, admin, third["rolloutId"], "pause")
+    await same_as_fresh()

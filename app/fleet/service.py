@@ -5,7 +5,7 @@ org, a channel or the known-good builds refreshes it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -21,6 +21,7 @@ from app.rollouts.gates import Counts, StageTally, Thresholds
 from app.store import (
     BuildRecord,
     Heartbeat,
+    Inclusion,
     Org,
     Rollout,
     RunnerState,
@@ -66,10 +67,18 @@ class Instruction:
 
 @dataclass(frozen=True, slots=True)
 class LiveRollout:
-    """A rollout still moving, as the heartbeat path needs it."""
+    """A rollout still moving, as the heartbeat path needs it: the orgs it included, and
+    the build each ran before (what a rollback gives back)."""
 
     rollout: Rollout
     included: frozenset[str]
+    previous: Mapping[str, str | None] = field(default_factory=dict)
+
+    def including(
+        self, inclusions: Sequence[Inclusion], rollout: Rollout | None = None
+    ) -> LiveRollout:
+        previous = {**self.previous, **{i.org_id: i.previous_build_id for i in inclusions}}
+        return LiveRollout(rollout or self.rollout, frozenset(previous), previous)
 
     def counts_as_baseline(self, build_id: str) -> bool:
         previous = self.rollout.previous_build_id
@@ -105,8 +114,8 @@ def thresholds(settings: Settings) -> Thresholds:
 # Called after a heartbeat's sessions were committed and added to a live rollout's stage.
 OnCounted = Callable[[LiveRollout, StageTally], Awaitable[None]]
 # Called for an eligible org a live rollout's stage takes in but has not included (it
-# appeared after the stage began); True once it is included.
-OnJoining = Callable[[LiveRollout, Org, str | None], Awaitable[bool]]
+# appeared after the stage began); its inclusion once written.
+OnJoining = Callable[[LiveRollout, Org, str | None], Awaitable[Inclusion | None]]
 
 
 def new_sessions(last: RunnerState | None, report: Report) -> tuple[int, int, int] | None:
@@ -163,17 +172,76 @@ class Fleet:
                 ]
                 live: dict[str, LiveRollout] = {}
                 for rollout in await self.store.live_rollouts():
-                    included = frozenset(
-                        i.org_id for i in await self.store.rollout_orgs(rollout.rollout_id)
-                    )
-                    live[rollout.channel] = LiveRollout(rollout, included)
-                    await self._load_tally(live[rollout.channel])
-                current = {(r.rollout.rollout_id, r.rollout.stage) for r in live.values()}
-                for key in [k for k in self._tallies if k not in current]:
-                    del self._tallies[key]
+                    inclusions = await self.store.rollout_orgs(rollout.rollout_id)
+                    live[rollout.channel] = LiveRollout(rollout, frozenset()).including(inclusions)
+                await self._keep_tallies(live)
                 settled = await self.store.settled_orgs()
                 self._state = FleetState(orgs, recommended, good, live, settled)
             return self._state
+
+    async def _keep_tallies(self, live: Mapping[str, LiveRollout]) -> None:
+        for each in live.values():
+            await self._load_tally(each)
+        current = {(r.rollout.rollout_id, r.rollout.stage) for r in live.values()}
+        for key in [k for k in self._tallies if k not in current]:
+            del self._tallies[key]
+
+    async def rollout_changed(self, rollout: Rollout, added: Sequence[Inclusion] = ()) -> None:
+        """A rollout changed (``added``: the orgs the change included). The rollout parts of
+        the state are brought up to date and swapped in, instead of a full reload, which
+        reads every org and stalls every heartbeat meanwhile; heartbeats in flight keep
+        the state they hold."""
+        async with self._loading:
+            state = self._state
+            if state is None:
+                return  # the next heartbeat loads everything anyway
+            recommended = {c.channel: c.build_id for c in await self.store.list_channels()}
+            live = dict(state.live)
+            settled = state.settled
+            before = live.get(rollout.channel)
+            if before is not None and before.rollout.rollout_id != rollout.rollout_id:
+                before = None
+            if rollout.state in ("pending", "rolling_out", "paused"):
+                base = before or LiveRollout(rollout, frozenset())
+                live[rollout.channel] = base.including(added, rollout)
+            else:
+                live.pop(rollout.channel, None)
+                if before is None:  # not live before: read whom it included
+                    inclusions = await self.store.rollout_orgs(rollout.rollout_id)
+                    before = LiveRollout(rollout, frozenset()).including(inclusions)
+                before = before.including(added)
+                settled = self._settle(state, rollout, before, recommended)
+            await self._keep_tallies(live)
+            self._state = FleetState(state.orgs, recommended, state.good_builds, live, settled)
+
+    @staticmethod
+    def _settle(
+        state: FleetState, rollout: Rollout, ended: LiveRollout, recommended: Mapping[str, str]
+    ) -> dict[str, Settled]:
+        """Where a rollout that just ended leaves orgs (what ``settled_orgs`` would read):
+        a rollback restores its orgs' previous builds; setting the channel's recommended
+        build (completion, or a rollback after it) ends older restores on that channel."""
+        settled = dict(state.settled)
+        channel = rollout.channel
+        channel_set = rollout.state == "completed" or (
+            state.recommended.get(channel) != recommended.get(channel)
+        )
+        if channel_set:
+            for org_id, entry in list(settled.items()):
+                if entry.restores and entry.channel == channel:
+                    del settled[org_id]
+        for org_id, previous in ended.previous.items():
+            if rollout.state == "rolled_back":
+                settled[org_id] = Settled(
+                    rollout.rollout_id, "rolled_back", rollout.build_id, previous, True, channel
+                )
+            else:
+                org = state.orgs.get(org_id)
+                if org is not None and org.approval_required:
+                    settled[org_id] = Settled(
+                        rollout.rollout_id, "completed", rollout.build_id, previous, False, channel
+                    )
+        return settled
 
     async def _load_tally(self, live: LiveRollout) -> None:
         rollout = live.rollout
@@ -294,8 +362,9 @@ class Fleet:
             return
         if live.included and bucket(live.rollout.rollout_id, org.org_id) >= live.rollout.percentage:
             return
-        if await self.on_joining(live, org, reported) and state.live.get(org.channel) is live:
-            state.live[org.channel] = LiveRollout(live.rollout, live.included | {org.org_id})
+        joined = await self.on_joining(live, org, reported)
+        if joined is not None and state.live.get(org.channel) is live:
+            state.live[org.channel] = live.including([joined])
 
     @staticmethod
     def _attribution(

@@ -640,17 +640,17 @@ class RolloutController:
         ):
             self.wake.set()
 
-    async def _joining(self, live: LiveRollout, org: Org, reported: str | None) -> bool:
+    async def _joining(self, live: LiveRollout, org: Org, reported: str | None) -> Inclusion | None:
         """Include an org that appeared after the stage began (the fleet decided it
         belongs); written only if the rollout is still the version the fleet saw."""
         state = await self.fleet.current()
         r = live.rollout
         previous = _before(self.fleet, org, {org.org_id: reported} if reported else {}, state)
         inclusion = Inclusion(org.org_id, r.stage, self.clock.now(), previous)
-        joined = await self.store.include_org(r.rollout_id, inclusion, version=r.version)
-        if joined:
-            log.info("org %s joined rollout %s at %g%%", org.org_id, r.rollout_id, r.percentage)
-        return joined
+        if not await self.store.include_org(r.rollout_id, inclusion, version=r.version):
+            return None
+        log.info("org %s joined rollout %s at %g%%", org.org_id, r.rollout_id, r.percentage)
+        return inclusion
 
     async def _auto_rollback(self, r: Rollout, verdict: Verdict) -> None:
         if r.rollout_id in self._tripping:
@@ -837,7 +837,7 @@ class RolloutController:
         records = await self.store.write_rollout(
             change, self.clock.now(), keep_events=self.bus.keep
         )
-        self.fleet.invalidate()
+        await self.fleet.rollout_changed(written, inclusions)
         self.bus.deliver(records)
         self.wake.set()
         if reported.effects and self.effects_written is not None:

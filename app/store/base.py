@@ -280,6 +280,7 @@ class Settled:
     build_id: str  # the rollout's target
     previous_build_id: str | None
     restores: bool  # rolled back, and the channel has not been set since
+    channel: str = "stable"
 
 
 @dataclass(frozen=True, slots=True)

@@ -479,6 +479,10 @@ MIGRATIONS += (
             rollout_id TEXT NOT NULL,
             at         TEXT NOT NULL
         );
+
+        -- A rolled-back rollout keeps sending its orgs back to their previous builds
+        -- until its channel's recommendation is set again, which sets this.
+        ALTER TABLE active_rollouts ADD COLUMN restore_ended INTEGER NOT NULL DEFAULT 0;
         """,
     ),
 )

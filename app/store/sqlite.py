@@ -863,7 +863,11 @@ class SqliteStore:
                 ],
             )
             if change.channel is not None:
-                events.append(await _set_channel(db, r.channel, change.channel, at, keep_events))
+                events.append(
+                    await _set_channel(
+                        db, r.channel, change.channel, at, keep_events, by_rollout=r.rollout_id
+                    )
+                )
             for type_, data in change.events:
                 events.append(await _insert_event(db, type_, data, at, keep_events))
             if change.tracking is not None:
@@ -1072,11 +1076,9 @@ class SqliteStore:
         # Only rollouts that can still decide a build: rolled back ones whose restore
         # stands, and completed ones for enterprise orgs (others follow the channel).
         async with self._r.execute(
-            "SELECT o.org_id, r.rollout_id, r.state, r.target_build_id, o.previous_build_id"
-            " FROM rollout_orgs o JOIN active_rollouts r ON r.rollout_id = o.rollout_id"
-            " LEFT JOIN recommended_builds c ON c.channel = r.channel"
-            " WHERE (r.state = 'rolled_back'"
-            "   AND (c.updated_at IS NULL OR c.updated_at <= r.finished_at))"
+            "SELECT o.org_id, r.rollout_id, r.state, r.target_build_id, o.previous_build_id,"
+            " r.channel FROM rollout_orgs o JOIN active_rollouts r ON r.rollout_id = o.rollout_id"
+            " WHERE (r.state = 'rolled_back' AND r.restore_ended = 0)"
             " OR (r.state = 'completed'"
             "   AND o.org_id IN (SELECT org_id FROM orgs WHERE approval_required = 1))"
             " ORDER BY o.org_id, o.included_at DESC, r.rowid DESC"
@@ -1085,7 +1087,12 @@ class SqliteStore:
             async for row in cursor:
                 if row[0] not in settled:
                     settled[row[0]] = Settled(
-                        row[1], row[2], row[3], row[4], restores=row[2] == "rolled_back"
+                        row[1],
+                        row[2],
+                        row[3],
+                        row[4],
+                        restores=row[2] == "rolled_back",
+                        channel=row[5],
                     )
         return settled
 
@@ -2061,8 +2068,21 @@ def _event(row: sqlite3.Row) -> EventRecord:
 
 
 async def _set_channel(
-    db: aiosqlite.Connection, channel: str, change: ChannelChange, at: datetime, keep: int
+    db: aiosqlite.Connection,
+    channel: str,
+    change: ChannelChange,
+    at: datetime,
+    keep: int,
+    *,
+    by_rollout: str | None = None,
 ) -> EventRecord:
+    # A new recommendation ends what earlier rollbacks on the channel restored (the one
+    # setting it, rolled back after completion, restores from now on).
+    await db.execute(
+        "UPDATE active_rollouts SET restore_ended = 1 WHERE channel = ? AND state = 'rolled_back'"
+        " AND restore_ended = 0 AND rollout_id IS NOT ?",
+        (channel, by_rollout),
+    )
     async with db.execute(
         "SELECT build_id FROM recommended_builds WHERE channel = ?", (channel,)
     ) as cursor:
