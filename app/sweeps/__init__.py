@@ -1,0 +1,1 @@
+"""Post-update sweeps: workflows dispatched to opted-in repositories."""
