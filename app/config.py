@@ -136,6 +136,9 @@ class Settings:
     runner_repo: str | None = None  # owner/name of the runner repository
     control_repo: str | None = None  # owner/name where rollouts are tracked as issues
     notify_team: str | None = None  # @org/team mentioned on automatic rollbacks
+    sweep_concurrency: int = 5  # sweep workflow runs in flight at once
+    sweep_timeout: timedelta = timedelta(hours=2)
+    auto_sweep: bool = False  # sweep after each completed rollout
     # Slash command -> the permission it needs, where it differs from the defaults.
     command_permissions: tuple[tuple[str, str], ...] = ()
     runtime_manifest: str = "runtimes.json"  # provider -> version, in the runner repository
@@ -240,6 +243,13 @@ class _Reader:
             runner_repo=self.get("UPDATE_PIPELINE_RUNNER_REPO", _repo_name, d.runner_repo),
             control_repo=self.get("UPDATE_PIPELINE_CONTROL_REPO", _repo_name, d.control_repo),
             notify_team=self.get("UPDATE_PIPELINE_NOTIFY_TEAM", _team, d.notify_team),
+            sweep_concurrency=self.get(
+                "UPDATE_PIPELINE_SWEEP_CONCURRENCY", _positive_int, d.sweep_concurrency
+            ),
+            sweep_timeout=self.get(
+                "UPDATE_PIPELINE_SWEEP_TIMEOUT", _positive_duration, d.sweep_timeout
+            ),
+            auto_sweep=self.flag("UPDATE_PIPELINE_AUTO_SWEEP", d.auto_sweep),
             command_permissions=self.get(
                 "UPDATE_PIPELINE_COMMAND_PERMISSIONS", _command_permissions, d.command_permissions
             ),

@@ -18,7 +18,7 @@ from app.api.routing import OPENAPI, SERVICES
 from app.clock import Clock
 from app.config import Settings
 from app.fleet.service import retention
-from app.github import canary, commands, installations, tracking
+from app.github import canary, commands, installations, sweeps, tracking
 from app.github.app import GitHubApp
 from app.github.bump import BumpHandoff
 from app.github.canary import GitHubCanaryReporter
@@ -36,6 +36,7 @@ from app.pipeline.version.watcher import Source, VersionWatcher
 from app.rollouts.controller import RolloutTimer
 from app.services import Services
 from app.store import InstanceLock, SqliteStore
+from app.sweeps.service import SweepManager
 
 log = get_logger("server")
 
@@ -83,6 +84,7 @@ def github_components(
         services.canary.reporter = GitHubCanaryReporter(services.store, settings, services.clock)
         services.canary.effects_written = services.outbox.written
         canary.register_commands(commands_registry, services.canary, settings)
+    reporter = None
     if services.github is not None and settings.control_repo is not None:
         # Rollouts are tracked as issues in the control repository, and steered there.
         reporter = tracking.TrackingReporter(services.store, settings)
@@ -92,6 +94,20 @@ def github_components(
         sync = tracking.TrackingSync(services.rollouts, reporter, services.outbox, services.clock)
         components.append(sync)
         routers.append(tracking.router_for(services.rollouts, reporter, sync))
+    if services.github is not None:
+        # Sweeps dispatch workflows in opted-in repositories and follow their runs.
+        configs = sweeps.SweepConfigs(services.store, services.github, settings, services.clock)
+        service = services.sweeps
+        service.configs = configs
+        service.reporter = sweeps.GitHubSweepReporter(services.store, settings, reporter)
+        service.effects_written = services.outbox.written
+        sweeps.wire(service)
+        routers.append(sweeps.router_for(service, configs))
+        components.append(SweepManager(service))
+        if reporter is not None:
+            sweeps.register_commands(commands_registry, service, reporter)
+        if settings.auto_sweep:
+            services.rollouts.listeners.append(sweeps.auto_sweep(service))
     # Every feature's router, merged here so one place shows all that reacts to GitHub;
     # features add their slash commands to the one registry.
     routers += [installations.router, commands.router, canary.router]

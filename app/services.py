@@ -17,6 +17,7 @@ from app.pipeline.canary.service import CanaryService
 from app.pipeline.events import EventBus
 from app.rollouts.controller import RolloutController
 from app.store import Store
+from app.sweeps.service import SweepService
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Services:
     canary: CanaryService
     fleet: Fleet
     rollouts: RolloutController
+    sweeps: SweepService
     pipeline: UpdatePipeline | None = None
     github: GitHubApp | None = None
     # Verifies GitHub Actions OIDC tokens (canary results); set by serve.
@@ -66,4 +68,5 @@ class Services:
             canary,
             fleet,
             rollouts,
+            SweepService(store, bus, clock, settings),
         )

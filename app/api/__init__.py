@@ -7,6 +7,7 @@ from app.api import (
     events,
     fleet,
     rollouts,
+    sweeps,
     system,
     tokens,
     versions,
@@ -28,4 +29,5 @@ def build_route_table() -> RouteTable:
     table.extend(canary.ROUTES)
     table.extend(fleet.ROUTES)
     table.extend(rollouts.ROUTES)
+    table.extend(sweeps.ROUTES)
     return table

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -117,7 +118,7 @@ async def post_results(call: Call) -> web.StreamResponse:
     )
 
 
-async def verify_workflow(services: Services, token: str) -> str:
+async def verify_workflow(services: Services, token: str, path: Mapping[str, str]) -> str:
     """Verify the canary workflow's OIDC token; the id of the workflow run it is from."""
     settings = services.settings
     if services.oidc is None or settings.runner_repo is None:

@@ -72,9 +72,10 @@ class Route:
     # Other non-error answers: status -> (description, body schema).
     also: Mapping[int, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
     prefix: str = PREFIX
-    # ADMIN_OR_WORKFLOW routes: checks a workflow's token before the body is read and
-    # returns who it proved to be (raising ApiError when it proves nothing).
-    workflow_auth: Callable[[Services, str], Awaitable[str]] | None = None
+    # ADMIN_OR_WORKFLOW routes: checks a workflow's token (with the path's parameters)
+    # before the body is read and returns who it proved to be (raising ApiError when it
+    # proves nothing).
+    workflow_auth: Callable[[Services, str, Mapping[str, str]], Awaitable[str]] | None = None
 
     @property
     def full_path(self) -> str:
@@ -149,7 +150,7 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
                 raise ApiError(401, "UNAUTHORIZED", "an API token is required", headers=CHALLENGE)
             else:
                 # Before the body is read: an unproven caller costs no parsing.
-                workflow = await route.workflow_auth(services, bearer)
+                workflow = await route.workflow_auth(services, bearer, request.match_info)
         elif route.bearer:
             principal = await _authenticate(request, services)
         if principal is not None and not route.access.allows(principal.role):

@@ -34,6 +34,9 @@ from app.store.base import (
     StatusCounts,
     Store,
     StoreError,
+    Sweep,
+    SweepRepo,
+    SweepRun,
     TokenRecord,
     TrackingIssue,
 )
@@ -76,6 +79,9 @@ __all__ = [
     "StatusCounts",
     "Store",
     "StoreError",
+    "Sweep",
+    "SweepRepo",
+    "SweepRun",
     "TokenRecord",
     "TrackingIssue",
 ]

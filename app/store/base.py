@@ -399,6 +399,59 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class SweepRepo:
+    """A repository where the App is installed, as far as sweeps go."""
+
+    repo: str  # owner/name, lower case
+    installation_id: int
+    state: str  # unread, opted_in, absent, misconfigured, unreadable
+    config: Mapping[str, Any] | None = None  # a SweepConfig as JSON, when opted in
+    error: str | None = None
+    read_at: datetime | None = None
+    excluded_at: datetime | None = None
+    excluded_by: str | None = None
+    last_sweep_id: str | None = None
+    last_conclusion: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    sweep_id: str
+    state: str  # pending, running, completed, failed, cancelled
+    provider: str | None
+    version: str | None
+    build_id: str | None
+    rollout_id: str | None
+    started_by: str
+    created_at: datetime
+    updated_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRun:
+    """One repository of a sweep: its dispatch and the workflow run it started."""
+
+    sweep_id: str
+    repo: str
+    installation_id: int
+    workflow: str
+    ref: str
+    inputs: Mapping[str, str]
+    state: str  # waiting, dispatching, queued, in_progress, completed, failed, timed_out
+    updated_at: datetime
+    run_id: int | None = None
+    run_attempt: int | None = None
+    run_url: str | None = None
+    conclusion: str | None = None
+    error: str | None = None
+    results: Mapping[str, Any] | None = None
+    dispatched_at: datetime | None = None
+    deadline_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusCounts:
     """What ``GET /status`` is computed from, read in one consistent snapshot."""
 
@@ -554,6 +607,50 @@ class Store(Protocol):
         self, freeze: Freeze | None, at: datetime, *, by: str, keep_events: int
     ) -> list[EventRecord]: ...
     async def status_counts(self, providers: Sequence[str]) -> StatusCounts: ...
+
+    # Sweeps
+    async def save_sweep_repo(self, repo: SweepRepo) -> None: ...
+    async def get_sweep_repo(self, repo: str) -> SweepRepo | None: ...
+    async def list_sweep_repos(
+        self, *, opted_in: bool, before: str | None, limit: int
+    ) -> list[SweepRepo]: ...
+    async def set_sweep_exclusion(
+        self, repo: str, at: datetime | None, by: str | None
+    ) -> SweepRepo | None: ...
+    async def unread_sweep_repos(self, *, limit: int) -> list[tuple[str, int]]: ...
+    async def add_sweep(
+        self, sweep: Sweep, runs: Sequence[SweepRun], at: datetime, *, keep_events: int
+    ) -> list[EventRecord]: ...
+    async def get_sweep(self, sweep_id: str) -> Sweep | None: ...
+    async def list_sweeps(
+        self, *, state: str | None, before: str | None, limit: int
+    ) -> list[Sweep]: ...
+    async def live_sweeps(self) -> list[Sweep]: ...
+    async def sweep_runs(self, sweep_id: str) -> list[SweepRun]: ...
+    async def sweep_run_by_run_id(self, run_id: int) -> SweepRun | None: ...
+    async def unmatched_sweep_runs(self, repo: str) -> list[SweepRun]: ...
+    async def sweep_runs_in_flight(self) -> int: ...
+    async def update_sweep_run(
+        self,
+        sweep_id: str,
+        repo: str,
+        changes: Mapping[str, Any],
+        *,
+        states: Sequence[str] = (),
+        effects: Sequence[NewEffect] = (),
+        at: datetime,
+    ) -> bool: ...
+    async def finish_sweep(
+        self,
+        sweep_id: str,
+        state: str,
+        at: datetime,
+        *,
+        keep_events: int,
+        data: Mapping[str, Any],
+        effects: Sequence[NewEffect] = (),
+    ) -> list[EventRecord]: ...
+    async def next_sweep_deadline(self) -> datetime | None: ...
 
     # GitHub App installations
     async def replace_installations(

@@ -487,4 +487,64 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        12,
+        "sweeps",
+        """
+        -- What a sweep sweeps for: a provider's version, or a build's versions, and the
+        -- rollout it belongs to, if any.
+        ALTER TABLE sweeps ADD COLUMN provider TEXT;
+        ALTER TABLE sweeps ADD COLUMN version TEXT;
+        ALTER TABLE sweeps ADD COLUMN build_id TEXT;
+        ALTER TABLE sweeps ADD COLUMN rollout_id TEXT;
+        ALTER TABLE sweeps ADD COLUMN started_by TEXT NOT NULL DEFAULT '';
+        ALTER TABLE sweeps ADD COLUMN updated_at TEXT;
+        CREATE INDEX sweeps_created ON sweeps (created_at);
+
+        -- Each repository where the App is installed, as far as sweeps go: whether its
+        -- .github/update-pipeline.yml opts in (the config as JSON), is absent, or is
+        -- misconfigured (why), and whether an admin excluded it.
+        CREATE TABLE sweep_repos (
+            repo            TEXT PRIMARY KEY,
+            installation_id INTEGER NOT NULL,
+            state           TEXT NOT NULL CHECK (state IN
+                ('unread', 'opted_in', 'absent', 'misconfigured', 'unreadable')),
+            config          TEXT CHECK (config IS NULL OR json_valid(config)),
+            error           TEXT,
+            read_at         TEXT,
+            excluded_at     TEXT,
+            excluded_by     TEXT,
+            last_sweep_id   TEXT,
+            last_conclusion TEXT
+        );
+
+        -- One row per repository a sweep dispatches to, from waiting to a final state.
+        CREATE TABLE sweep_runs (
+            sweep_id        TEXT NOT NULL REFERENCES sweeps (id),
+            repo            TEXT NOT NULL,
+            installation_id INTEGER NOT NULL,
+            workflow        TEXT NOT NULL,
+            ref             TEXT NOT NULL,
+            inputs          TEXT NOT NULL CHECK (json_valid(inputs)),
+            state           TEXT NOT NULL CHECK (state IN ('waiting', 'dispatching', 'queued',
+                'in_progress', 'completed', 'failed', 'timed_out')),
+            run_id          INTEGER,
+            run_attempt     INTEGER,
+            run_url         TEXT,
+            conclusion      TEXT,
+            error           TEXT,
+            results         TEXT CHECK (results IS NULL OR json_valid(results)),
+            dispatched_at   TEXT,
+            deadline_at     TEXT,
+            finished_at     TEXT,
+            updated_at      TEXT NOT NULL,
+            PRIMARY KEY (sweep_id, repo)
+        );
+        CREATE INDEX sweep_runs_run ON sweep_runs (run_id) WHERE run_id IS NOT NULL;
+        CREATE INDEX sweep_runs_state ON sweep_runs (state);
+        """,
+    ),
+)
+
 LATEST_SCHEMA = MIGRATIONS[-1].version

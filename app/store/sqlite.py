@@ -49,6 +49,9 @@ from app.store.base import (
     StaleRollout,
     StatusCounts,
     StoreError,
+    Sweep,
+    SweepRepo,
+    SweepRun,
     TokenRecord,
     TrackingIssue,
 )
@@ -1162,6 +1165,245 @@ class SqliteStore:
             await db.execute("COMMIT")
         return StatusCounts(canaries, rollouts, sweeps, versions, recommended, frozen)
 
+    # -- Sweeps ----------------------------------------------------------------------------
+
+    async def save_sweep_repo(self, repo: SweepRepo) -> None:
+        """Record what a repository's sweep config says; its exclusion and last result stay."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO sweep_repos (repo, installation_id, state, config, error, read_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (repo) DO UPDATE SET"
+                " installation_id = excluded.installation_id, state = excluded.state,"
+                " config = excluded.config, error = excluded.error, read_at = excluded.read_at",
+                (
+                    repo.repo.lower(),
+                    repo.installation_id,
+                    repo.state,
+                    json.dumps(dict(repo.config)) if repo.config is not None else None,
+                    repo.error,
+                    _iso_or_none(repo.read_at),
+                ),
+            )
+
+    async def get_sweep_repo(self, repo: str) -> SweepRepo | None:
+        async with self._r.execute(
+            "SELECT * FROM sweep_repos WHERE repo = ?", (repo.lower(),)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _sweep_repo(row) if row else None
+
+    async def list_sweep_repos(
+        self, *, opted_in: bool, before: str | None, limit: int
+    ) -> list[SweepRepo]:
+        """By name; ``opted_in``: only those whose config opts in or is misconfigured (a
+        repository trying to opt in), with the ones still covered by an installation."""
+        async with self._r.execute(
+            "SELECT s.* FROM sweep_repos s WHERE (?1 = 0 OR s.state IN"
+            " ('opted_in', 'misconfigured')) AND (?2 IS NULL OR s.repo > ?2)"
+            " AND EXISTS (SELECT 1 FROM installation_repositories r"
+            "   WHERE lower(r.full_name) = s.repo)"
+            " ORDER BY s.repo LIMIT ?3",
+            (int(opted_in), before.lower() if before else None, limit),
+        ) as cursor:
+            return [_sweep_repo(row) for row in await cursor.fetchall()]
+
+    async def set_sweep_exclusion(
+        self, repo: str, at: datetime | None, by: str | None
+    ) -> SweepRepo | None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE sweep_repos SET excluded_at = ?, excluded_by = ? WHERE repo = ?",
+                (_iso_or_none(at), by, repo.lower()),
+            )
+        return await self.get_sweep_repo(repo)
+
+    async def unread_sweep_repos(self, *, limit: int) -> list[tuple[str, int]]:
+        """Installed repositories whose sweep config has not been read: (name, installation)."""
+        async with self._r.execute(
+            "SELECT r.full_name, r.installation_id FROM installation_repositories r"
+            " JOIN installations i ON i.id = r.installation_id AND i.suspended = 0"
+            " LEFT JOIN sweep_repos s ON s.repo = lower(r.full_name)"
+            " WHERE s.repo IS NULL OR s.state = 'unread' ORDER BY r.full_name LIMIT ?",
+            (limit,),
+        ) as cursor:
+            return [(row[0], row[1]) for row in await cursor.fetchall()]
+
+    async def add_sweep(
+        self, sweep: Sweep, runs: Sequence[SweepRun], at: datetime, *, keep_events: int
+    ) -> list[EventRecord]:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO sweeps (id, state, created_at, provider, version, build_id,"
+                " rollout_id, started_by, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sweep.sweep_id,
+                    sweep.state,
+                    isoformat(sweep.created_at),
+                    sweep.provider,
+                    sweep.version,
+                    sweep.build_id,
+                    sweep.rollout_id,
+                    sweep.started_by,
+                    isoformat(at),
+                ),
+            )
+            await db.executemany(
+                "INSERT INTO sweep_runs (sweep_id, repo, installation_id, workflow, ref, inputs,"
+                " state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        run.sweep_id,
+                        run.repo.lower(),
+                        run.installation_id,
+                        run.workflow,
+                        run.ref,
+                        json.dumps(dict(run.inputs), sort_keys=True),
+                        run.state,
+                        isoformat(at),
+                    )
+                    for run in runs
+                ],
+            )
+            event = await _insert_event(
+                db,
+                "sweep_started",
+                {
+                    "sweepId": sweep.sweep_id,
+                    "provider": sweep.provider,
+                    "version": sweep.version,
+                    "buildId": sweep.build_id,
+                    "rolloutId": sweep.rollout_id,
+                    "repositories": len(runs),
+                    "by": sweep.started_by,
+                },
+                at,
+                keep_events,
+            )
+        return [event]
+
+    async def get_sweep(self, sweep_id: str) -> Sweep | None:
+        async with self._r.execute("SELECT * FROM sweeps WHERE id = ?", (sweep_id,)) as cursor:
+            row = await cursor.fetchone()
+        return _sweep(row) if row else None
+
+    async def list_sweeps(
+        self, *, state: str | None, before: str | None, limit: int
+    ) -> list[Sweep]:
+        """Newest first; ``before`` is the sweep id ending the previous page."""
+        async with self._r.execute(
+            "SELECT * FROM sweeps WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR"
+            " (created_at, id) < (SELECT created_at, id FROM sweeps WHERE id = ?2))"
+            " ORDER BY created_at DESC, id DESC LIMIT ?3",
+            (state, before, limit),
+        ) as cursor:
+            return [_sweep(row) for row in await cursor.fetchall()]
+
+    async def live_sweeps(self) -> list[Sweep]:
+        async with self._r.execute(
+            "SELECT * FROM sweeps WHERE state IN ('pending', 'running') ORDER BY created_at, id"
+        ) as cursor:
+            return [_sweep(row) for row in await cursor.fetchall()]
+
+    async def sweep_runs(self, sweep_id: str) -> list[SweepRun]:
+        async with self._r.execute(
+            "SELECT * FROM sweep_runs WHERE sweep_id = ? ORDER BY repo", (sweep_id,)
+        ) as cursor:
+            return [_sweep_run(row) for row in await cursor.fetchall()]
+
+    async def sweep_run_by_run_id(self, run_id: int) -> SweepRun | None:
+        async with self._r.execute(
+            "SELECT * FROM sweep_runs WHERE run_id = ? ORDER BY updated_at DESC LIMIT 1",
+            (run_id,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _sweep_run(row) if row else None
+
+    async def unmatched_sweep_runs(self, repo: str) -> list[SweepRun]:
+        """A repository's dispatched runs whose workflow run is not known yet."""
+        async with self._r.execute(
+            "SELECT * FROM sweep_runs WHERE repo = ? AND run_id IS NULL"
+            " AND state IN ('dispatching', 'queued') ORDER BY dispatched_at",
+            (repo.lower(),),
+        ) as cursor:
+            return [_sweep_run(row) for row in await cursor.fetchall()]
+
+    async def sweep_runs_in_flight(self) -> int:
+        return int(
+            await _scalar(
+                self._r,
+                "SELECT count(*) FROM sweep_runs WHERE state IN"
+                " ('dispatching', 'queued', 'in_progress')",
+            )
+        )
+
+    async def update_sweep_run(
+        self,
+        sweep_id: str,
+        repo: str,
+        changes: Mapping[str, Any],
+        *,
+        states: Sequence[str] = (),
+        effects: Sequence[NewEffect] = (),
+        at: datetime,
+    ) -> bool:
+        """Change a run's row, only while it is in one of ``states`` (any when empty),
+        with the outbox entries that follow; whether it changed."""
+        unknown = set(changes) - _SWEEP_RUN_COLUMNS
+        if unknown:
+            raise ValueError(f"not sweep_runs columns: {sorted(unknown)}")
+        values = [_sweep_value(v) for v in changes.values()]
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        marks = ", ".join("?" * len(states))
+        condition = f" AND state IN ({marks})" if states else ""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                f"UPDATE sweep_runs SET {assignments}, updated_at = ?"  # noqa: S608
+                f" WHERE sweep_id = ? AND repo = ?{condition}",
+                (*values, isoformat(at), sweep_id, repo.lower(), *states),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await _insert_effects(db, effects, at)
+        return True
+
+    async def finish_sweep(
+        self,
+        sweep_id: str,
+        state: str,
+        at: datetime,
+        *,
+        keep_events: int,
+        data: Mapping[str, Any],
+        effects: Sequence[NewEffect] = (),
+    ) -> list[EventRecord]:
+        """End a sweep (once): its state, each repository's last result, the event."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE sweeps SET state = ?, completed_at = ?, updated_at = ?"
+                " WHERE id = ? AND state IN ('pending', 'running')",
+                (state, isoformat(at), isoformat(at), sweep_id),
+            )
+            if cursor.rowcount != 1:
+                return []
+            await db.execute(
+                "UPDATE sweep_repos SET last_sweep_id = ?1, last_conclusion = (SELECT"
+                " coalesce(r.conclusion, r.state) FROM sweep_runs r WHERE r.sweep_id = ?1"
+                " AND r.repo = sweep_repos.repo) WHERE repo IN"
+                " (SELECT repo FROM sweep_runs WHERE sweep_id = ?1)",
+                (sweep_id,),
+            )
+            await _insert_effects(db, effects, at)
+            event = await _insert_event(db, "sweep_completed", data, at, keep_events)
+        return [event]
+
+    async def next_sweep_deadline(self) -> datetime | None:
+        value = await _scalar(
+            self._r,
+            "SELECT min(deadline_at) FROM sweep_runs WHERE state IN"
+            " ('dispatching', 'queued', 'in_progress')",
+        )
+        return parse_iso(value) if value else None
+
     # -- GitHub App installations ---------------------------------------------------------
 
     async def replace_installations(
@@ -2144,6 +2386,82 @@ def _tracking(row: sqlite3.Row) -> TrackingIssue:
         row["installation_id"],
         row["issue_key"],
         row["issue_number"],
+    )
+
+
+_SWEEP_RUN_COLUMNS = frozenset(
+    {
+        "state",
+        "run_id",
+        "run_attempt",
+        "run_url",
+        "conclusion",
+        "error",
+        "results",
+        "dispatched_at",
+        "deadline_at",
+        "finished_at",
+    }
+)
+
+
+def _sweep_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return isoformat(value)
+    if isinstance(value, Mapping):
+        return json.dumps(dict(value), sort_keys=True)
+    return value
+
+
+def _sweep_repo(row: sqlite3.Row) -> SweepRepo:
+    return SweepRepo(
+        row["repo"],
+        row["installation_id"],
+        row["state"],
+        json.loads(row["config"]) if row["config"] else None,
+        row["error"],
+        _dt(row["read_at"]),
+        _dt(row["excluded_at"]),
+        row["excluded_by"],
+        row["last_sweep_id"],
+        row["last_conclusion"],
+    )
+
+
+def _sweep(row: sqlite3.Row) -> Sweep:
+    return Sweep(
+        row["id"],
+        row["state"],
+        row["provider"],
+        row["version"],
+        row["build_id"],
+        row["rollout_id"],
+        row["started_by"],
+        parse_iso(row["created_at"]),
+        _dt(row["updated_at"]),
+        _dt(row["completed_at"]),
+    )
+
+
+def _sweep_run(row: sqlite3.Row) -> SweepRun:
+    return SweepRun(
+        sweep_id=row["sweep_id"],
+        repo=row["repo"],
+        installation_id=row["installation_id"],
+        workflow=row["workflow"],
+        ref=row["ref"],
+        inputs=json.loads(row["inputs"]),
+        state=row["state"],
+        updated_at=parse_iso(row["updated_at"]),
+        run_id=row["run_id"],
+        run_attempt=row["run_attempt"],
+        run_url=row["run_url"],
+        conclusion=row["conclusion"],
+        error=row["error"],
+        results=json.loads(row["results"]) if row["results"] else None,
+        dispatched_at=_dt(row["dispatched_at"]),
+        deadline_at=_dt(row["deadline_at"]),
+        finished_at=_dt(row["finished_at"]),
     )
 
 
