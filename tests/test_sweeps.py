@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -17,6 +19,7 @@ from app.config import Settings
 from app.store import BuildRecord
 from tests.conftest import START, Api, MakeApi
 from tests.fake_github import FakeGitHub, Reply
+from tests.fake_oidc import FakeOidcIssuer
 from tests.test_webhooks import HOOK, WEBHOOKS, headers_for, wait_until
 
 OWNER = "acme"
@@ -42,7 +45,7 @@ class Sweeps:
         self.api, self.github, self.installation = api, github, installation
 
     async def admin(self) -> str:
-        return await self.api.token("admin")
+        return await self.api.token("admin", name=f"admin-{secrets.token_hex(4)}")
 
     async def settled(self) -> None:
         store = self.api.services.store
@@ -368,3 +371,157 @@ async def test_a_sweep_of_a_hundred_repositories_from_a_rollout_issue(
     assert "finished over 100 repositories" in summary
     assert done["counts"] == {"failure": 10, "success": 90}
     assert summary.count("\n- `") == 10 and "`acme/app-007`: failure ([run](" in summary
+
+
+# -- results from the workflow, by OIDC ---------------------------------------------------------
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[FakeOidcIssuer]:
+    async with FakeOidcIssuer() as fake:
+        yield fake
+
+
+async def test_a_sweep_workflow_posts_its_items_with_its_oidc_token(
+    make_api: MakeApi,
+    github_settings: Settings,
+    github: FakeGitHub,
+    repos: int,
+    issuer: FakeOidcIssuer,
+    clock: ManualClock,
+) -> None:
+    settings = github_settings.replace(oidc_issuer=issuer.url)
+    api = await make_api(settings_override=settings, with_github=True, oidc_issuer=issuer.url)
+    sw = Sweeps(api, github, repos)
+
+    async def installed() -> bool:
+        return await api.services.store.repository_id(REPOS[3]) is not None
+
+    await wait_until(installed)
+    sweep = await sw.start(provider="claude_code", version="2.1.0")
+    (dispatch,) = sw.dispatches(REPOS[3])
+
+    def token(repo: str, run_id: int, **claims: Any) -> str:
+        return issuer.mint(
+            issuer.claims(
+                clock.now(),
+                repository=repo,
+                repository_id=str(github.repo(repo).id),
+                run_id=str(run_id),
+                workflow_ref=f"{repo}/.github/workflows/{WORKFLOW}@refs/heads/main",
+                **claims,
+            )
+        )
+
+    items = [
+        {"name": "login works", "status": "passed"},
+        {"name": "checkout works", "status": "failed"},
+        {"name": "slow test", "status": "skipped"},
+    ]
+    path = f"/sweeps/{sweep['sweepId']}/results"
+    good = token(REPOS[3], dispatch["run_id"])
+    response, row = await api.post(
+        path, headers={"Authorization": f"Bearer {good}"}, json={"results": items}
+    )
+    assert response.status == 200, row
+    assert row["results"] | {"reportedBy": None} == {
+        "passed": 1,
+        "failed": 1,
+        "skipped": 1,
+        "failures": ["checkout works"],
+        "reportedBy": None,
+    }
+    # Another repository of the installation, not in this sweep; another run of the
+    # right one; and a push run: all refused.
+    for bad in (
+        token(REPOS[0], dispatch["run_id"]),
+        token(REPOS[3], dispatch["run_id"] + 1),
+        token(REPOS[3], dispatch["run_id"], event_name="push"),
+    ):
+        response, body = await api.post(
+            path, headers={"Authorization": f"Bearer {bad}"}, json={"results": items}
+        )
+        assert response.status == 401, body
+
+
+# -- matching, restarts, automatic sweeps --------------------------------------------------------
+
+
+async def test_a_run_is_matched_by_workflow_and_time_when_nothing_else_names_it(
+    sw: Sweeps, github: FakeGitHub
+) -> None:
+    original = github.handlers[DISPATCH].handler
+
+    def older_github(ctx: Any) -> Any:
+        original(ctx)
+        return Reply(204)
+
+    github.override(DISPATCH, older_github)
+    github.repo(REPOS[3]).run_names.clear()  # a workflow without the sweep id in its title
+    sweep = await sw.start(provider="claude_code", version="2.1.0")
+    (dispatch,) = sw.dispatches(REPOS[3])
+    assert sweep["sweepId"] not in github.repo(REPOS[3]).runs[dispatch["run_id"]]["display_title"]
+    await sw.run_event(REPOS[3], dispatch["run_id"], conclusion="failure")
+    done = await sw.get(sweep["sweepId"])
+    assert (done["state"], done["counts"]) == ("completed", {"failure": 1})
+
+
+async def test_a_restart_mid_sweep_carries_on(
+    make_api: MakeApi, github_settings: Settings, github: FakeGitHub, repos: int
+) -> None:
+    settings = github_settings.replace(sweep_concurrency=1)
+    api = await make_api(settings_override=settings, with_github=True)
+    sw = Sweeps(api, github, repos)
+
+    async def installed() -> bool:
+        return await api.services.store.installation_for_repository(REPOS[0]) is not None
+
+    await wait_until(installed)
+    sweep = await sw.start(provider="codex", version="0.47.0")
+    assert len(sw.dispatches()) == 1  # one at a time
+    # The same database, a new process's worth of objects: the second waits its turn.
+    again = await make_api(settings_override=settings, with_github=True)
+    sw.api = again
+    first = sw.dispatches()[0]
+    await sw.run_event(first["repo"], first["run_id"])
+    await sw.settled()
+    assert len(sw.dispatches()) == 2
+    second = sw.dispatches()[1]
+    await sw.run_event(second["repo"], second["run_id"])
+    assert (await sw.get(sweep["sweepId"]))["counts"] == {"success": 2}
+
+
+async def test_a_completed_rollout_is_swept_when_auto_sweep_is_on(
+    make_api: MakeApi, github_settings: Settings, github: FakeGitHub, repos: int
+) -> None:
+    settings = github_settings.replace(auto_sweep=True, stages_stable="100%")
+    api = await make_api(settings_override=settings, with_github=True)
+    sw = Sweeps(api, github, repos)
+
+    async def installed() -> bool:
+        return await api.services.store.installation_for_repository(REPOS[0]) is not None
+
+    await wait_until(installed)
+    await api.services.store.add_build(
+        BuildRecord("build-new", "1.0.0", START, {"codex": "0.47.0"}, known_good_for=["codex"]),
+        START,
+    )
+    response, rollout = await api.post(
+        "/rollouts", token=await sw.admin(), json={"buildId": "build-new", "channel": "stable"}
+    )
+    assert rollout["state"] == "completed"
+
+    async def swept() -> bool:
+        _, page = await api.get("/sweeps", token=await sw.admin())
+        return bool(page["items"])
+
+    await wait_until(swept)
+    await sw.settled()
+    _, page = await api.get("/sweeps", token=await sw.admin())
+    (sweep,) = page["items"]
+    assert (sweep["startedBy"], sweep["buildId"], sweep["rolloutId"]) == (
+        "auto",
+        "build-new",
+        rollout["rolloutId"],
+    )
+    assert {d["inputs"]["build_id"] for d in sw.dispatches()} == {"build-new"}
