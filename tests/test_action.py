@@ -36,6 +36,7 @@ yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read action.yml")
 ROOT = Path(__file__).resolve().parents[1]
 ACTION = ROOT / "action.yml"
 EXAMPLE = ROOT / "docs" / "examples" / "canary.yml"
+SWEEP_EXAMPLE = ROOT / "docs" / "examples" / "sweep.yml"
 INPUTS = {"api-url", "mode", "id", "results-file", "audience"}
 ENV_INPUT = re.compile(r"^\$\{\{ inputs\.([A-Za-z0-9_-]+) \}\}$")
 RESULTS = [
@@ -168,9 +169,26 @@ def actionlint_any(workflow: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_actionlint_passes_the_example_workflow() -> None:
-    done = actionlint_any(EXAMPLE.relative_to(ROOT))
+@pytest.mark.parametrize("example", [EXAMPLE, SWEEP_EXAMPLE], ids=lambda p: p.name)
+def test_actionlint_passes_the_example_workflows(example: Path) -> None:
+    done = actionlint_any(example.relative_to(ROOT))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_sweep_example_declares_the_standard_inputs_and_keeps_the_sweep_id_in_its_name() -> (
+    None
+):
+    from app.sweeps.config import STANDARD_INPUTS
+
+    workflow = yaml.safe_load(SWEEP_EXAMPLE.read_text(encoding="utf-8"))
+    # PyYAML reads the key "on" as True.
+    inputs = workflow[True]["workflow_dispatch"]["inputs"]
+    assert set(STANDARD_INPUTS) <= set(inputs)
+    assert "${{ inputs.sweep_id }}" in workflow["run-name"]
+    (report,) = [
+        s for s in workflow["jobs"]["sweep"]["steps"] if "with" in s and "mode" in s["with"]
+    ]
+    assert report["with"]["mode"] == "sweep" and report["with"]["id"] == "${{ inputs.sweep_id }}"
 
 
 def test_actionlint_finds_a_mistake_in_a_workflow(tmp_path: Path) -> None:
