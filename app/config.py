@@ -139,6 +139,7 @@ class Settings:
     sweep_concurrency: int = 5  # sweep workflow runs in flight at once
     sweep_timeout: timedelta = timedelta(hours=2)
     auto_sweep: bool = False  # sweep after each completed rollout
+    sweep_gate: float | None = None  # the share of failed repositories that holds a rollout
     # Slash command -> the permission it needs, where it differs from the defaults.
     command_permissions: tuple[tuple[str, str], ...] = ()
     runtime_manifest: str = "runtimes.json"  # provider -> version, in the runner repository
@@ -250,6 +251,7 @@ class _Reader:
                 "UPDATE_PIPELINE_SWEEP_TIMEOUT", _positive_duration, d.sweep_timeout
             ),
             auto_sweep=self.flag("UPDATE_PIPELINE_AUTO_SWEEP", d.auto_sweep),
+            sweep_gate=self.get("UPDATE_PIPELINE_SWEEP_GATE", _rate, d.sweep_gate),
             command_permissions=self.get(
                 "UPDATE_PIPELINE_COMMAND_PERMISSIONS", _command_permissions, d.command_permissions
             ),

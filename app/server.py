@@ -108,6 +108,8 @@ def github_components(
             sweeps.register_commands(commands_registry, service, reporter)
         if settings.auto_sweep:
             services.rollouts.listeners.append(sweeps.auto_sweep(service))
+        if settings.sweep_gate is not None:
+            services.rollouts.holds.append(service.hold)
     # Every feature's router, merged here so one place shows all that reacts to GitHub;
     # features add their slash commands to the one registry.
     routers += [installations.router, commands.router, canary.router]

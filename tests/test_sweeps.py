@@ -16,6 +16,7 @@ import pytest
 
 from app.clock import ManualClock
 from app.config import Settings
+from app.rollouts.gates import Counts
 from app.store import BuildRecord
 from tests.conftest import START, Api, MakeApi
 from tests.fake_github import FakeGitHub, Reply
@@ -506,7 +507,7 @@ async def test_a_completed_rollout_is_swept_when_auto_sweep_is_on(
         BuildRecord("build-new", "1.0.0", START, {"codex": "0.47.0"}, known_good_for=["codex"]),
         START,
     )
-    response, rollout = await api.post(
+    _, rollout = await api.post(
         "/rollouts", token=await sw.admin(), json={"buildId": "build-new", "channel": "stable"}
     )
     assert rollout["state"] == "completed"
@@ -525,3 +526,50 @@ async def test_a_completed_rollout_is_swept_when_auto_sweep_is_on(
         rollout["rolloutId"],
     )
     assert {d["inputs"]["build_id"] for d in sw.dispatches()} == {"build-new"}
+
+
+async def test_the_sweep_gate_holds_a_rollout_whose_sweep_failed(
+    make_api: MakeApi, github_settings: Settings, github: FakeGitHub, repos: int, clock: ManualClock
+) -> None:
+    settings = github_settings.replace(sweep_gate=0.25, stages_stable="50%:1h,100%")
+    api = await make_api(settings_override=settings, with_github=True)
+    sw = Sweeps(api, github, repos)
+
+    async def installed() -> bool:
+        return await api.services.store.installation_for_repository(REPOS[0]) is not None
+
+    await wait_until(installed)
+    await api.services.store.add_build(
+        BuildRecord("build-new", "1.0.0", START, {"codex": "0.47.0"}, known_good_for=["codex"]),
+        START,
+    )
+    admin = await sw.admin()
+    _, rollout = await api.post(
+        "/rollouts", token=admin, json={"buildId": "build-new", "channel": "stable"}
+    )
+    rollout_id = rollout["rolloutId"]
+    view = await api.services.sweeps.start(by="test", build_id="build-new", rollout_id=rollout_id)
+    await sw.settled()
+    # Its first stage has the sessions it needs; the deadline passes while the sweep runs.
+    api.services.fleet.tally(rollout_id, 0).add("org-x", Counts(200, 0, 0))  # type: ignore[union-attr]
+    clock.advance(timedelta(hours=1))
+    await api.services.rollouts.step_all()
+    _, now = await api.get(f"/rollouts/{rollout_id}", token=admin)
+    assert now["currentPercentage"] == 50
+    assert now["nextStep"]["detail"] == f"held: waiting for sweep {view.sweep.sweep_id} to finish"
+    runs = {d["repo"]: d["run_id"] for d in sw.dispatches()}
+    await sw.run_event(REPOS[0], runs[REPOS[0]], conclusion="failure")
+    await sw.run_event(REPOS[3], runs[REPOS[3]], conclusion="success")
+    await api.services.rollouts.step_all()
+    _, now = await api.get(f"/rollouts/{rollout_id}", token=admin)
+    assert now["currentPercentage"] == 50
+    assert "1 of 2 repositories did not succeed" in now["nextStep"]["detail"]
+    # A new sweep that passes lets it move on.
+    second = await api.services.sweeps.start(by="test", build_id="build-new", rollout_id=rollout_id)
+    await sw.settled()
+    for dispatch in sw.dispatches():
+        if dispatch["inputs"]["sweep_id"] == second.sweep.sweep_id:
+            await sw.run_event(dispatch["repo"], dispatch["run_id"])
+    await api.services.rollouts.step_all()
+    _, now = await api.get(f"/rollouts/{rollout_id}", token=admin)
+    assert now["state"] == "completed"

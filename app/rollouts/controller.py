@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -180,6 +180,9 @@ class RolloutController:
         # effects_written wakes whoever applies them.
         self.reporter: RolloutReporter | None = None
         self.effects_written: Callable[[], None] | None = None
+        # Other reasons to keep a rollout at its stage (the sweep gate): each returns why,
+        # or None.
+        self.holds: list[Callable[[Rollout], Awaitable[str | None]]] = []
         self._tripping: set[str] = set()
         fleet.on_counted = self._counted
         fleet.on_joining = self._joining
@@ -599,16 +602,26 @@ class RolloutController:
                 return
             state = await self.fleet.current()
             stages = parse_stages(r.plan)
+            at_deadline = r.deadline_at is not None and self.clock.now() >= r.deadline_at
+            if (r.stage == len(stages) - 1 or at_deadline) and await self._held(r):
+                return
             if r.stage == len(stages) - 1:
                 await self._settle_last_stage(r, state)
                 return
-            if r.deadline_at is None or self.clock.now() < r.deadline_at:
+            if not at_deadline:
                 return
             tally = self.fleet.tally(r.rollout_id, r.stage)
             if tally is None or self.judge(tally).outcome != "pass":
                 return  # insufficient data: held, and looked at again as sessions arrive
             await self._advance(r, r.stage + 1, by=AUTO)
         await self.step(rollout_id)
+
+    async def _held(self, r: Rollout) -> str | None:
+        for hold in self.holds:
+            reason = await hold(r)
+            if reason is not None:
+                return reason
+        return None
 
     async def step_all(self) -> datetime | None:
         """Step every live rollout; when the next deadline is."""
@@ -929,11 +942,15 @@ class RolloutController:
                 gate = Gate(verdict, comparison, regression)
         frozen = await self.store.get_freeze()
         enterprise = await self._enterprise_view(r, state, joined)
+        step = self._next_step(r, stages, gate, enterprise, frozen)
+        held = await self._held(r) if r.state == "rolling_out" else None
+        if held is not None and frozen is None:
+            step = NextStep(step.action, None, f"held: {held}")
         return RolloutView(
             r,
             tuple(reports),
             gate,
-            self._next_step(r, stages, gate, enterprise, frozen),
+            step,
             len(inclusions),
             enterprise,
             frozen,

@@ -1304,6 +1304,14 @@ class SqliteStore:
         ) as cursor:
             return [_sweep(row) for row in await cursor.fetchall()]
 
+    async def rollout_sweeps(self, rollout_id: str) -> list[Sweep]:
+        """A rollout's sweeps, newest first."""
+        async with self._r.execute(
+            "SELECT * FROM sweeps WHERE rollout_id = ? ORDER BY created_at DESC, id DESC",
+            (rollout_id,),
+        ) as cursor:
+            return [_sweep(row) for row in await cursor.fetchall()]
+
     async def sweep_runs(self, sweep_id: str) -> list[SweepRun]:
         async with self._r.execute(
             "SELECT * FROM sweep_runs WHERE sweep_id = ? ORDER BY repo", (sweep_id,)

@@ -362,6 +362,31 @@ class SweepService:
         log.info("sweep %s completed: %s", sweep_id, counts)
         return bool(events)
 
+    # -- the gate ---------------------------------------------------------------------------
+
+    async def hold(self, rollout: Any) -> str | None:
+        """Why a rollout must stay at its stage for its sweeps (UPDATE_PIPELINE_SWEEP_GATE):
+        a sweep of it started during the stage still runs, or the latest one had more
+        repositories fail than the gate allows. None when nothing holds it."""
+        gate = self.settings.sweep_gate
+        started = rollout.stage_started_at
+        if gate is None or started is None:
+            return None
+        for sweep in await self.store.rollout_sweeps(rollout.rollout_id):
+            if sweep.created_at < started:
+                return None  # only sweeps that ran during this stage count
+            if sweep.state in ("pending", "running"):
+                return f"waiting for sweep {sweep.sweep_id} to finish"
+            runs = await self.store.sweep_runs(sweep.sweep_id)
+            bad = sum(1 for r in runs if not (r.state == "completed" and r.conclusion == "success"))
+            if runs and bad / len(runs) > gate:
+                return (
+                    f"sweep {sweep.sweep_id}: {bad} of {len(runs)} repositories did not"
+                    f" succeed, more than the gate's {gate:.0%}"
+                )
+            return None
+        return None
+
     # -- reading ----------------------------------------------------------------------------
 
     async def view(self, sweep_id: str) -> SweepView:
