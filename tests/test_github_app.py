@@ -64,5 +64,6 @@ async def test_with_credentials_installations_are_kept_in_sync_and_the_outbox_ap
         "installations",
         "missed-deliveries",
         "outbox",
+        "sweeps",
         "webhooks",
     ]
