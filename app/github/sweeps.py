@@ -94,10 +94,21 @@ class SweepConfigs:
 
         async def one(repo: str, installation_id: int) -> None:
             async with gate:
-                await self.read(repo, installation_id)
+                try:
+                    await self.read(repo, installation_id)
+                except Exception as exc:
+                    # GitHub down or rate limited: left unread, tried again next time; one
+                    # repository must not hold up a sweep of the others.
+                    log.warning("could not read the sweep config of %s: %s", repo, exc)
+                    failed.add(repo)
 
+        failed: set[str] = set()
         while True:
-            batch = await self.store.unread_sweep_repos(limit=READ_BATCH)
+            batch = [
+                (repo, inst)
+                for repo, inst in await self.store.unread_sweep_repos(limit=READ_BATCH)
+                if repo not in failed
+            ]
             if not batch:
                 return done
             await asyncio.gather(*(one(repo, inst) for repo, inst in batch))

@@ -414,6 +414,10 @@ class SweepManager:
 
     async def _loop(self) -> None:
         service = self.service
+        if service.configs is not None:
+            # Read the opt-in files of repositories never read, so the first sweep does
+            # not wait for them.
+            await service.configs.read_unread()
         while True:
             service.wake.clear()
             if service.reporter is not None:
