@@ -126,6 +126,7 @@ class Settings:
     github_app_id: int | None = None
     github_private_key: Secret | None = None
     github_webhook_secret: Secret | None = None
+    metrics_token: Secret | None = None  # a bearer token GET /metrics requires, when set
     github_client_id: str | None = None
     github_client_secret: Secret | None = None
     github_api_url: str = "https://api.github.com"
@@ -165,7 +166,12 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret value, so the log filter can scrub them wherever they appear."""
-        found = [self.github_webhook_secret, self.github_client_secret, self.github_private_key]
+        found = [
+            self.github_webhook_secret,
+            self.github_client_secret,
+            self.github_private_key,
+            self.metrics_token,
+        ]
         return [s.reveal() for s in found if s is not None and s.reveal()]
 
     @classmethod
@@ -230,6 +236,7 @@ class _Reader:
             github_app_id=self.get("GITHUB_APP_ID", _app_id, d.github_app_id),
             github_private_key=key,
             github_webhook_secret=self.get("GITHUB_WEBHOOK_SECRET", Secret, None),
+            metrics_token=self.get("UPDATE_PIPELINE_METRICS_TOKEN", Secret, None),
             github_client_id=self.get("GITHUB_CLIENT_ID", str.strip, None),
             github_client_secret=self.get("GITHUB_CLIENT_SECRET", Secret, None),
             github_api_url=self.get("GITHUB_API_URL", _base_url, d.github_api_url),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -45,8 +45,21 @@ class ServeError(Exception):
     """The service cannot start (for example, its port is taken); a one-line reason."""
 
 
+@web.middleware
+async def metrics_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Counts every answer by route template (never the path itself: ids would make one
+    series per object), outside the error middleware so errors count as what was sent."""
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[SERVICES].metrics.answered(route, request.method, response.status)
+    return response
+
+
 def create_app(services: Services) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[metrics_middleware, error_middleware])
     app[SERVICES] = services
     table = build_route_table()
     table.install(app)
@@ -122,7 +135,13 @@ def github_components(
         settings=settings,
     )
     components.append(
-        WebhookProcessor(services.deliveries, routers, context, outbox=services.outbox)
+        WebhookProcessor(
+            services.deliveries,
+            routers,
+            context,
+            outbox=services.outbox,
+            metrics=services.metrics,
+        )
     )
     return components
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.auth import TokenService
 from app.clock import Clock
@@ -12,6 +12,7 @@ from app.github.app import NOT_CONFIGURED, GitHubApp
 from app.github.oidc import OidcVerifier
 from app.github.outbox import Outbox
 from app.github.webhooks import Deliveries
+from app.metrics import Metrics
 from app.pipeline import UpdatePipeline
 from app.pipeline.canary.service import CanaryService
 from app.pipeline.events import EventBus
@@ -40,6 +41,7 @@ class Services:
     # Why an enabled pipeline is not running (its start failed), for /ready and /status.
     pipeline_error: str | None = None
     sse_keepalive_seconds: float = 15.0
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def tracking_issues(self) -> str:

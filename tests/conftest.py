@@ -74,6 +74,9 @@ async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
     await opened.close()
 
 
+ROOT_ROUTES = {"/metrics"}
+
+
 class Api:
     """A client for the app under test: paths are relative to the API prefix."""
 
@@ -121,7 +124,10 @@ class Api:
         all_headers = dict(headers or {})
         if token is not None:
             all_headers["Authorization"] = f"Bearer {token}"
-        full = path if path.startswith("/api/") or not path.startswith("/") else PREFIX + path
+        # Paths are below the API prefix, except GitHub's (/api/github/...) and the few
+        # routes at the root (/metrics).
+        at_root = path.startswith("/api/") or path in ROOT_ROUTES or not path.startswith("/")
+        full = path if at_root else PREFIX + path
         response = await self.client.request(method, full, headers=all_headers, **kwargs)
         body: Any = None
         if response.content_type == "application/json":

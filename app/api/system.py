@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import re
 from typing import Any
 
 from aiohttp import web
@@ -12,6 +14,7 @@ from app.api.routing import OPENAPI, Call, Route
 from app.auth import Access
 from app.clock import isoformat
 from app.logs import get_logger
+from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = get_logger("api.system")
 
@@ -155,6 +158,25 @@ async def status(call: Call) -> web.StreamResponse:
     return json_response(body)
 
 
+async def metrics(call: Call) -> web.StreamResponse:
+    services = call.services
+    expected = services.settings.metrics_token
+    if expected is not None:
+        match = re.match(r"^Bearer\s+(\S+)\s*$", call.request.headers.get("Authorization", ""))
+        given = match[1] if match else ""
+        if not hmac.compare_digest(given.encode(), expected.reveal().encode()):
+            raise ApiError(
+                401,
+                "UNAUTHORIZED",
+                "GET /metrics needs the bearer token UPDATE_PIPELINE_METRICS_TOKEN",
+                headers={"WWW-Authenticate": 'Bearer realm="update-pipeline metrics"'},
+            )
+    await services.metrics.refresh(services)
+    return web.Response(
+        body=services.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+    )
+
+
 async def openapi(call: Call) -> web.StreamResponse:
     return json_response(call.request.app[OPENAPI])
 
@@ -199,6 +221,21 @@ ROUTES = [
         "getOpenApi",
         "This API's OpenAPI 3.1 description",
         {"type": "object"},
+        tag="system",
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        Access.PUBLIC,
+        metrics,
+        "getMetrics",
+        "Prometheus metrics, in the text exposition format",
+        {"type": "string"},
+        content_type="text/plain",
+        errors={401: "UPDATE_PIPELINE_METRICS_TOKEN is set and the bearer token is not it."},
+        description="Public unless UPDATE_PIPELINE_METRICS_TOKEN is set; keep it off the"
+        " internet either way (docs/deploy.md).",
+        prefix="",
         tag="system",
     ),
 ]

@@ -12,6 +12,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 from gidgethub import GitHubException
@@ -19,6 +20,7 @@ from gidgethub.aiohttp import GitHubAPI
 
 from app.clock import Clock
 from app.logs import get_logger
+from app.metrics import route_template
 
 log = get_logger("github.client")
 
@@ -66,6 +68,8 @@ class GitHubStats:
     """Counters for the metrics endpoint: calls, retries, waits and rate-limit headroom."""
 
     calls: Counter[tuple[str, int]] = field(default_factory=Counter)
+    # method, route template (see app.metrics.route_template), status
+    routes: Counter[tuple[str, str, int]] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     rate_limit_waits: int = 0
@@ -183,6 +187,7 @@ class GitHubClient(GitHubAPI):
                     continue
                 raise GitHubUnavailable(f"{method} {url} failed: {kind}") from None
             self.stats.calls[(method, status)] += 1
+            self.stats.routes[(method, route_template(urlsplit(url).path), status)] += 1
             self._note_headroom(response_headers)
 
             if status == 401 and not reauthenticated and await self.auth.rejected(value):

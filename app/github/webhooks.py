@@ -18,6 +18,7 @@ from app.clock import Clock
 from app.github.commands import CommandRegistry, PermissionCache
 from app.github.outbox import Outbox, transient
 from app.logs import get_logger
+from app.metrics import Metrics
 from app.store import Delivery, NewEffect, Store
 
 if TYPE_CHECKING:
@@ -126,9 +127,11 @@ class WebhookProcessor:
         *,
         outbox: Outbox | None = None,
         idle_check: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.deliveries = deliveries
         self.outbox = outbox
+        self.metrics = metrics
         self.store = deliveries.store
         self.clock = deliveries.clock
         self.router = routing.Router(*routers)
@@ -176,9 +179,15 @@ class WebhookProcessor:
         except Exception as exc:
             await self._failed(delivery, exc)
             return
-        await self.store.finish_delivery(delivery.delivery_id, self.clock.now(), context.effects)
+        now = self.clock.now()
+        await self.store.finish_delivery(delivery.delivery_id, now, context.effects)
         if context.effects and self.outbox is not None:
             self.outbox.written()
+        if self.metrics is not None:
+            self.metrics.webhook_deliveries.labels(delivery.event, "processed").inc()
+            self.metrics.webhook_delivery_seconds.observe(
+                max(0.0, (now - delivery.received_at).total_seconds())
+            )
 
     async def _failed(self, delivery: Delivery, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
@@ -194,6 +203,8 @@ class WebhookProcessor:
                 error,
             )
             await self.store.fail_delivery(delivery.delivery_id, error, retry_at=None, at=now)
+            if self.metrics is not None:
+                self.metrics.webhook_deliveries.labels(delivery.event, "parked").inc()
             return
         delay = min(RETRY_CEILING, RETRY_BASE * 2 ** min(attempts - 1, 20))
         log.warning(
@@ -204,6 +215,8 @@ class WebhookProcessor:
             error,
         )
         await self.store.fail_delivery(delivery.delivery_id, error, retry_at=now + delay, at=now)
+        if self.metrics is not None:
+            self.metrics.webhook_deliveries.labels(delivery.event, "retried").inc()
 
 
 def delivery_fields(data: Any) -> tuple[str | None, int | None]:

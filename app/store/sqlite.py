@@ -1129,6 +1129,16 @@ class SqliteStore:
                 )
             ]
 
+    async def metric_counts(self) -> dict[str, dict[str, int]]:
+        """Rows per state (status) of the tables the metrics endpoint reports."""
+        counts: dict[str, dict[str, int]] = {}
+        for table, column in _METRIC_TABLES:
+            async with self._r.execute(
+                f"SELECT {column}, count(*) FROM {table} GROUP BY 1"  # noqa: S608
+            ) as cursor:
+                counts[table] = {str(row[0]): int(row[1]) for row in await cursor.fetchall()}
+        return counts
+
     async def status_counts(self, providers: Sequence[str]) -> StatusCounts:
         # One read transaction, so the counts describe a single moment.
         async with self._snapshot_lock:
@@ -2396,6 +2406,16 @@ def _tracking(row: sqlite3.Row) -> TrackingIssue:
         row["issue_number"],
     )
 
+
+# Tables (and their state column) whose rows per state the metrics endpoint reports;
+# constants, never user input.
+_METRIC_TABLES = (
+    ("active_rollouts", "state"),
+    ("canary_runs", "state"),
+    ("sweeps", "state"),
+    ("sweep_runs", "state"),
+    ("webhook_deliveries", "status"),
+)
 
 _SWEEP_RUN_COLUMNS = frozenset(
     {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -129,6 +130,8 @@ class VersionWatcher:
         self.store = store
         self.bus = bus
         self.clock = clock
+        # (source kind, outcome) -> checks, for the metrics endpoint.
+        self.poll_outcomes: Counter[tuple[str, str]] = Counter()
         self.providers = frozenset(providers)
         self.interval = interval
         self.polling = polling
@@ -198,6 +201,9 @@ class VersionWatcher:
             # together, a start with several providers is as quick as its slowest one.
             outcomes = await asyncio.gather(*(self._check_source(s) for s in self._sources))
             report.outcomes.extend(outcomes)
+            for outcome in outcomes:
+                kind = outcome.source.split(":", 1)[0]
+                self.poll_outcomes[(kind, outcome.outcome)] += 1
             return report
 
     async def _check_source(self, state: _SourceState) -> SourceOutcome:
