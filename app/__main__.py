@@ -1,4 +1,5 @@
-"""The update-pipeline command: serve, migrate, manage API tokens, and simulate a fleet."""
+"""The update-pipeline command: serve, migrate, manage API tokens, simulate a fleet, and
+back up the database."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from app import __version__
+from app import __version__, backup
 from app.auth import Role, TokenService, TokenSpec, TokenSpecError, token_state
 from app.clock import Clock, isoformat
 from app.config import DURATION_HELP, ConfigError, Settings, parse_duration, parse_port
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the end. Exits 1 when no heartbeat succeeded.",
     )
     add_simulate_arguments(simulate)
+
+    backup.add_arguments(
+        commands.add_parser("backup", help=backup.HELP, description=backup.DESCRIPTION)
+    )
     return parser
 
 
@@ -122,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_migrate(settings))
         elif args.command == "simulate":
             _simulate(args)
+        elif args.command == "backup":
+            return backup.run(args, settings)
         else:
             asyncio.run(_token(args, settings))
     # OSError: the database's folder is missing or read-only; the operator needs the
