@@ -1,5 +1,5 @@
-"""The update-pipeline command: serve, migrate, manage API tokens, simulate a fleet, and
-back up the database."""
+"""The update-pipeline command: serve, migrate, manage API tokens, simulate a fleet, back
+up the database, and register the GitHub App."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from app.auth import Role, TokenService, TokenSpec, TokenSpecError, token_state
 from app.clock import Clock, isoformat
 from app.config import DURATION_HELP, ConfigError, Settings, parse_duration, parse_port
 from app.fleet.simulator import add_arguments as add_simulate_arguments
+from app.github.manifest import add_arguments as add_setup_arguments
 from app.logs import configure
 from app.store import Conflict, InstanceLock, SqliteStore, StoreError, TokenRecord
 from app.store.migrations import LATEST_SCHEMA
@@ -113,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_arguments(
         commands.add_parser("backup", help=backup.HELP, description=backup.DESCRIPTION)
     )
+
+    setup = commands.add_parser(
+        "setup", help="register the GitHub App from app.yml (GitHub's manifest flow)"
+    )
+    add_setup_arguments(setup)
     return parser
 
 
@@ -129,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _simulate(args)
         elif args.command == "backup":
             return backup.run(args, settings)
+        elif args.command == "setup":
+            from app.github.manifest import run as run_setup
+
+            return run_setup(args)
         else:
             asyncio.run(_token(args, settings))
     # OSError: the database's folder is missing or read-only; the operator needs the

@@ -507,6 +507,7 @@ class FakeGitHub:
         self.handlers: dict[str, Operation] = {
             key: HANDLERS.get(key) or Operation(key, None, default_auth(key)) for key in OPERATIONS
         }
+        self.override("POST /app-manifests/{code}/conversions", _convert_manifest)
         self.installations: dict[int, Installation] = {}
         self.tokens: dict[str, Token] = {}
         self.user_tokens: dict[str, str] = {}  # user-to-server token -> login
@@ -522,6 +523,8 @@ class FakeGitHub:
             "url": "https://update-pipeline.example/github/webhook",
         }
         self.rate_windows: dict[str, RateWindow] = {}
+        self.manifest_codes: dict[str, dict[str, Any]] = {}  # code -> the App manifest
+        self.created_apps: list[dict[str, Any]] = []  # what the code exchanges answered
         self._ids = itertools.count(1001)
         self._users: dict[str, tuple[str, int, str]] = {}
         self._server: TestServer | None = None
@@ -613,6 +616,43 @@ class FakeGitHub:
 
     def _usable(self, token: Token) -> bool:
         return not token.revoked and token.expires_at > self.now()
+
+    # -- the App manifest flow --
+
+    def manifest_code(self, manifest: dict[str, Any]) -> str:
+        """What GitHub's web side does when someone confirms an App manifest: the code it
+        redirects back with, which ``POST /app-manifests/{code}/conversions`` exchanges,
+        once, for the new App. The App is this fake's own (``app_id``, and the key the
+        fake verifies JWTs with), named and configured as the manifest says."""
+        hook = manifest.get("hook_attributes")
+        if not isinstance(manifest.get("url"), str) or (
+            hook is not None and not isinstance(hook.get("url"), str)
+        ):
+            raise ValueError("GitHub refuses a manifest without url (and hook_attributes.url)")
+        code = secrets.token_hex(10)
+        self.manifest_codes[code] = manifest
+        return code
+
+    def app_from_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The App GitHub creates from ``manifest``, with its credentials."""
+        body = self.app_json()
+        name = str(manifest.get("name") or body["name"])
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        hook = manifest.get("hook_attributes")
+        body.update(
+            slug=slug,
+            name=name,
+            description=manifest.get("description") or "",
+            external_url=manifest["url"],
+            html_url=f"{WEB_ROOT}/apps/{slug}",
+            permissions=dict(manifest.get("default_permissions") or {}),
+            events=list(manifest.get("default_events") or []),
+            client_secret=secrets.token_hex(20),
+            webhook_secret=secrets.token_hex(20) if hook else None,
+            pem=self.private_key_pem,
+        )
+        self.created_apps.append(body)
+        return copy.deepcopy(body)
 
     # -- installations and repositories --
 
@@ -1699,6 +1739,15 @@ def response_problems(key: str, status: int, body: Any) -> list[str]:
 @operation("GET /app")
 def _get_app(ctx: Ctx) -> Any:
     return ctx.fake.app_json()
+
+
+# Registered by each fake (FakeGitHub.__init__) rather than with @operation: SMOKE in
+# tests/test_fake_github.py lists every @operation handler, and a conversion needs a code
+# from ``manifest_code`` first. tests/test_manifest.py checks its answers.
+def _convert_manifest(ctx: Ctx) -> Any:
+    """A code from ``manifest_code`` becomes the App, once (then, as on GitHub, 404)."""
+    manifest = found(ctx.fake.manifest_codes.pop(ctx.params["code"], None))
+    return ctx.fake.app_from_manifest(manifest)
 
 
 @operation("GET /app/installations")

@@ -1,18 +1,23 @@
 """Fixtures for the fake GitHub, and the check that no test sent GitHub a request it would
 refuse: a conformance violation fails the test that made it, and the session as a whole.
+At the end of the session, the operations the app made are also checked against the
+App's permissions in app.yml (tests/test_manifest.py).
 
 Registered from tests/conftest.py with ``pytest_plugins = ["tests.github_fixtures"]``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from app.clock import ManualClock
 from app.config import Secret, Settings
 from app.github.app import GitHubApp
+from app.github.client import REQUESTER
 from app.github.keys import load_private_key
 from tests import fake_github
 from tests.fake_github import FakeGitHub
@@ -21,6 +26,14 @@ WEBHOOK_SECRET = "test-secret"
 
 # Violations already reported by a test, so the session check can name them again.
 _reported: list[str] = []
+# The operations (conformance keys) the app's own client sent to any fake this session.
+# gidgethub sends REQUESTER as the User-Agent; tests that talk to a fake themselves send
+# another, so their requests say nothing about what the app needs.
+APP_OPERATIONS: set[str] = set()
+# Tests left out of this session other than by addopts' `-m 'not live'` (-k, --lf, ...),
+# and the files of the live tests it leaves out.
+_deselected: list[str] = []
+_live_files: set[Path] = set()
 
 
 @pytest.fixture
@@ -83,6 +96,11 @@ def _collect() -> list[str]:
     for fake in list(fake_github.LIVE):
         found += fake.violations
         fake.violations.clear()
+        APP_OPERATIONS.update(
+            r.operation
+            for r in fake.requests
+            if r.operation is not None and r.headers.get("User-Agent") == REQUESTER
+        )
         if fake.closed:
             fake_github.LIVE.remove(fake)
     return found
@@ -109,10 +127,50 @@ def _github_conformance() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _github_conformance_session() -> Iterator[None]:
+def _github_conformance_session(request: pytest.FixtureRequest) -> Iterator[None]:
     """Zero violations in the whole session, or the run fails (belt and braces for fakes
-    outliving a test, and a summary of every test's violations at the end)."""
+    outliving a test, and a summary of every test's violations at the end). Then the
+    App's permissions in app.yml must cover what the app called."""
     yield
     problems = _reported + _collect()
     if problems:
         pytest.fail(_report(problems, "in this session"), pytrace=False)
+    _check_manifest_permissions(request.session)
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("live") is None:
+            _deselected.append(item.nodeid)
+        else:
+            _live_files.add(Path(item.path))
+
+
+def _check_manifest_permissions(session: pytest.Session) -> None:
+    """Every operation the app made needs a permission app.yml grants, always. That
+    app.yml grants nothing more is checked only when the whole suite ran: after a part
+    of it, an unused permission may just belong to the tests left out."""
+    # The table of operations and permissions lives with the manifest's own tests.
+    from tests.test_manifest import permission_problems
+
+    problems = permission_problems(APP_OPERATIONS, complete=_whole_suite(session))
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        pytest.fail(
+            "app.yml's permissions do not match the GitHub calls the app made in this"
+            f" session (see OPERATION_PERMISSIONS in tests/test_manifest.py):\n{listed}",
+            pytrace=False,
+        )
+
+
+def _whole_suite(session: pytest.Session) -> bool:
+    """Whether every test file ran, nothing was deselected and nothing failed (a failed
+    test may have stopped before its calls). CHECK_MANIFEST_COVERAGE=1 (or 0) says so
+    instead, for runs this cannot tell apart."""
+    forced = os.environ.get("CHECK_MANIFEST_COVERAGE", "").strip().lower()
+    if forced in ("1", "true", "0", "false"):
+        return forced in ("1", "true")
+    if session.testsfailed or session.shouldstop or session.shouldfail or _deselected:
+        return False
+    ran = {Path(item.path) for item in session.items} | _live_files
+    return set(Path(__file__).parent.glob("test_*.py")) <= ran
