@@ -37,11 +37,20 @@ class ManualClock(Clock):
 def isoformat(moment: datetime) -> str:
     """Fixed-width UTC text with milliseconds: sorts as text in the same order as in time."""
     utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    # Formatted by hand: strftime writes year 80 as "80", which would sort after "2026".
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}"
+        f":{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_iso(text: str) -> datetime:
+    """An ISO 8601 time as an aware UTC datetime; ValueError for anything else, including
+    a time whose offset takes it out of the years datetime can hold."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC") from None

@@ -48,18 +48,21 @@ def parse_duration(text: str, *, bare_unit: str | None = None) -> timedelta:
     ``UPDATE_PIPELINE_POLL_INTERVAL_MS``) keep accepting a plain number.
     """
     value = text.strip()
-    if bare_unit is not None and value.isdigit():
-        return int(value) * _DURATION_UNITS[bare_unit]
-    if not value or _DURATION_PART.sub("", value) != "":
-        raise ValueError(f"{text!r} is not {DURATION_HELP}")
-    total = timedelta()
-    seen: set[str] = set()
-    for number, unit in _DURATION_PART.findall(value):
-        if unit in seen:
-            raise ValueError(f"{text!r} repeats the unit {unit!r}")
-        seen.add(unit)
-        total += int(number) * _DURATION_UNITS[unit]
-    return total
+    try:
+        if bare_unit is not None and value.isdigit():
+            return int(value) * _DURATION_UNITS[bare_unit]
+        if not value or _DURATION_PART.sub("", value) != "":
+            raise ValueError(f"{text!r} is not {DURATION_HELP}")
+        total = timedelta()
+        seen: set[str] = set()
+        for number, unit in _DURATION_PART.findall(value):
+            if unit in seen:
+                raise ValueError(f"{text!r} repeats the unit {unit!r}")
+            seen.add(unit)
+            total += int(number) * _DURATION_UNITS[unit]
+        return total
+    except OverflowError:
+        raise ValueError(f"{text!r} is longer than any duration can be") from None
 
 
 def format_duration(delta: timedelta) -> str:

@@ -601,3 +601,8 @@ def test_rollout_tracking_settings_are_read_and_checked() -> None:
     ]:
         (problem,) = config_error({variable: raw}).problems
         assert problem.startswith(f"{variable}: "), problem
+
+
+def test_a_duration_too_long_for_any_clock_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="longer than any duration"):
+        parse_duration("999999999999d")

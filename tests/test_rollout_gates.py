@@ -118,3 +118,11 @@ def test_the_interval_holds_the_observed_difference(n1: int, n2: int, data: st.D
     assert -1 <= lower <= x1 / n1 - x2 / n2 <= upper <= 1
     w_lower, w_upper = wilson(x1, n1)
     assert 0 <= w_lower <= x1 / n1 <= w_upper <= 1
+
+
+def test_a_stage_with_more_failures_than_starts_is_judged_without_error() -> None:
+    # A session started in the stage before and failed in this one counts only here.
+    verdict = judge_stage({"a": Counts(100, 150, 0), "b": Counts(100, 120, 0)}, GATES)
+    assert (verdict.outcome, verdict.value) == ("rollback", 1.0)
+    low, high = newcombe(150, 100, 5, 100)
+    assert -1 <= low <= high <= 1

@@ -280,3 +280,16 @@ async def test_concurrent_deliveries_share_commits_and_each_learns_if_it_was_new
     assert [n for n, new in zip(ids, answers, strict=True) if new] == list(range(1, 150))
     assert transactions < 10  # one commit for many deliveries, not one each
     assert len(await store.due_deliveries(START, limit=500)) == 150
+
+
+def test_stored_times_are_fixed_width_in_every_year_and_out_of_range_ones_refused() -> None:
+    from datetime import UTC, datetime
+
+    from app.clock import isoformat, parse_iso
+
+    early = datetime(80, 9, 13, 1, 2, 3, 4000, tzinfo=UTC)
+    assert isoformat(early) == "0080-09-13T01:02:03.004Z"
+    assert parse_iso(isoformat(early)) == early
+    assert isoformat(early) < isoformat(datetime(2026, 1, 1, tzinfo=UTC))
+    with pytest.raises(ValueError, match="outside the years"):
+        parse_iso("9999-12-31T23:00:00-05:00")

@@ -23,13 +23,15 @@ class Counts:
             self.disconnected + other.disconnected,
         )
 
+    # Capped at 1: a stage can count a session's failure but not its start (the runner
+    # started it while the stage before was current), so failed can exceed started.
     @property
     def failure_rate(self) -> float:
-        return self.failed / self.started if self.started else 0.0
+        return min(1.0, self.failed / self.started) if self.started else 0.0
 
     @property
     def disconnect_rate(self) -> float:
-        return self.disconnected / self.started if self.started else 0.0
+        return min(1.0, self.disconnected / self.started) if self.started else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
     """The Wilson score interval for a proportion."""
     if trials == 0:
         return (0.0, 1.0)
+    successes = max(0, min(successes, trials))  # see Counts: never more than the trials
     p = successes / trials
     centre = p + z * z / (2 * trials)
     spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
@@ -84,6 +87,7 @@ def newcombe(x1: int, n1: int, x2: int, n2: int, z: float = Z95) -> tuple[float,
     """A 95% confidence interval for p1 - p2 by Newcombe's hybrid score method (his
     method 10, 1998): sound for small samples and rates near 0, unlike the Wald
     interval."""
+    x1, x2 = max(0, min(x1, n1)), max(0, min(x2, n2))
     p1 = x1 / n1 if n1 else 0.0
     p2 = x2 / n2 if n2 else 0.0
     l1, u1 = wilson(x1, n1, z)
