@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -129,13 +130,22 @@ def canary_error(exc: CanaryError) -> ApiError:
     return ApiError(exc.status, codes.get(exc.status, "VALIDATION_FAILED"), str(exc))
 
 
+def _built_at(text: str) -> datetime:
+    """builtAt as UTC. Years before 1000 are refused: the store writes four-digit years
+    (so times sort as text) and could not read such a date back."""
+    try:
+        moment = parse_iso(text)
+    except (ValueError, OverflowError):  # overflow: the offset moves it out of 1..9999
+        raise ApiError(400, "VALIDATION_FAILED", "builtAt: not a date-time") from None
+    if moment.year < 1000:
+        raise ApiError(400, "VALIDATION_FAILED", "builtAt: years before 1000 are not taken")
+    return moment
+
+
 async def add_build(call: Call) -> web.StreamResponse:
     body, services = call.body, call.services
     assert call.principal is not None
-    try:
-        built_at = parse_iso(body["builtAt"]) if "builtAt" in body else services.clock.now()
-    except ValueError:
-        raise ApiError(400, "VALIDATION_FAILED", "builtAt: not a date-time") from None
+    built_at = _built_at(body["builtAt"]) if "builtAt" in body else services.clock.now()
     build = BuildRecord(
         build_id=body["buildId"],
         runner_version=body["runnerVersion"],

@@ -150,9 +150,16 @@ def _last_event_id(call: Call) -> int | None:
     return int(raw)
 
 
+# Event types are identifiers. The bounds keep the longest valid query (20 values of 100
+# characters, each one percent-encoded to 3 bytes at worst) within the 8190 bytes aiohttp
+# takes for a request line: a longer one is refused in plain text before the app sees it.
 _TYPE_PARAM = QueryParam(
     "type",
-    {"type": "array", "items": {"type": "string", "maxLength": 200}, "maxItems": 20},
+    {
+        "type": "array",
+        "items": {"type": "string", "maxLength": 100, "pattern": "^[A-Za-z0-9_, ]*$"},
+        "maxItems": 20,
+    },
     "Only these event types (repeat, or separate with commas). Pipeline names "
     "(rollout_initiated) and stream names (update_rollout_started) both work.",
 )

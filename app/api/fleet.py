@@ -42,6 +42,8 @@ HEARTBEAT_BODY: dict[str, Any] = {
         },
         "sessions": {
             "type": "object",
+            "description": "Counted since bootId began; failed and disconnected count"
+            " sessions that started, so neither may be more than started.",
             "required": ["started", "failed", "disconnected"],
             "additionalProperties": False,
             "properties": {"started": _COUNT, "failed": _COUNT, "disconnected": _COUNT},
@@ -106,8 +108,18 @@ async def heartbeat(call: Call) -> web.StreamResponse:
             "FORBIDDEN",
             f"this runner token reports for org {call.principal.org_id}, not {body['orgId']}",
         )
-    runtimes, warnings = await _runtimes(call, body.get("runtimes") or {})
     sessions = body["sessions"]
+    for counter in ("failed", "disconnected"):
+        # Rates are shares of started sessions: a larger count would make one above 1
+        # (and the rollout gates' confidence intervals undefined).
+        if sessions[counter] > sessions["started"]:
+            raise ApiError(
+                400,
+                "VALIDATION_FAILED",
+                f"body.sessions.{counter}: {sessions[counter]} is more than started"
+                f" ({sessions['started']}); only sessions that started can {counter[:-2]}",
+            )
+    runtimes, warnings = await _runtimes(call, body.get("runtimes") or {})
     instruction = await services.fleet.heartbeat(
         Report(
             body["runnerId"],

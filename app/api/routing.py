@@ -116,7 +116,9 @@ class RouteTable:
 def statuses(route: Route) -> dict[int, str]:
     """Every status a route can answer with, derived from what it declares."""
     found = {route.status: "Success."}
-    if route.request is not None or route.query or route.path_params:
+    # Path parameters alone are not validated here (an unknown id is a 404): a route that
+    # refuses one with a 400 declares it in its errors.
+    if route.request is not None or route.query:
         found[400] = "The request is malformed or fails validation."
     if route.bearer:
         found[401] = "No valid bearer token (missing, unknown, revoked or expired)."

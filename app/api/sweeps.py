@@ -393,6 +393,10 @@ async def include(call: Call) -> web.StreamResponse:
 
 
 _NOT_FOUND = {404: "No sweep has this id."}
+_REPO_ERRORS = {
+    400: "owner/repo is not a repository name.",
+    404: "No repository with this name is known to sweeps.",
+}
 ROUTES = [
     Route(
         "POST",
@@ -464,7 +468,7 @@ ROUTES = [
         "excludeSweepRepo",
         "Leave a repository out of sweeps, whatever its config says",
         REPO_SCHEMA,
-        errors={404: "No repository with this name is known to sweeps."},
+        errors=_REPO_ERRORS,
         tag="sweeps",
     ),
     Route(
@@ -475,7 +479,7 @@ ROUTES = [
         "includeSweepRepo",
         "Let an excluded repository be swept again",
         REPO_SCHEMA,
-        errors={404: "No repository with this name is known to sweeps."},
+        errors=_REPO_ERRORS,
         tag="sweeps",
     ),
     Route(

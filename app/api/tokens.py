@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from app.config import DURATION_HELP, parse_duration
 from app.store import Conflict, TokenRecord
 
 MAX_TOKENS_PER_REQUEST = 1000
+MAX_LIFETIME_YEARS = 100
 _DATETIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
 
 TOKEN_SCHEMA: dict[str, Any] = {
@@ -51,7 +53,10 @@ TOKEN_REQUEST: dict[str, Any] = {
             "maxLength": 128,
             "description": "The organisation a runner token reports for (runner only).",
         },
-        "expiresIn": {"type": "string", "description": f"Lifetime: {DURATION_HELP}."},
+        "expiresIn": {
+            "type": "string",
+            "description": f"Lifetime: {DURATION_HELP}; at most {MAX_LIFETIME_YEARS} years.",
+        },
     },
 }
 ISSUE_REQUEST: dict[str, Any] = {
@@ -116,10 +121,16 @@ def _actor(call: Call) -> str:
 def _spec(item: dict[str, Any]) -> TokenSpec:
     expires_in = None
     if "expiresIn" in item:
+        # The bound also keeps the expiry date within what a datetime holds (year 9999).
+        too_long = TokenSpecError(f"expiresIn: at most {MAX_LIFETIME_YEARS} years")
         try:
             expires_in = parse_duration(item["expiresIn"])
         except ValueError as exc:
             raise TokenSpecError(f"expiresIn: {exc}") from None
+        except OverflowError:  # more days than a timedelta holds
+            raise too_long from None
+        if expires_in > timedelta(days=365 * MAX_LIFETIME_YEARS):
+            raise too_long
     return TokenSpec(item["name"], Role(item["role"]), item.get("orgId"), expires_in)
 
 
