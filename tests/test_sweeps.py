@@ -110,6 +110,25 @@ class Sweeps:
 REPOS = [f"{OWNER}/svc-{n}" for n in range(4)]
 
 
+async def serving(
+    make_api: MakeApi,
+    settings: Settings,
+    github: FakeGitHub,
+    installation: int,
+    *,
+    repo: str = REPOS[0],
+    **extra: Any,
+) -> Sweeps:
+    """The app with GitHub on ``settings``, once it knows ``repo``'s installation."""
+    api = await make_api(settings_override=settings, with_github=True, **extra)
+
+    async def installed() -> bool:
+        return await api.services.store.repository_id(repo) is not None
+
+    await wait_until(installed)
+    return Sweeps(api, github, installation)
+
+
 @pytest.fixture
 def repos(github: FakeGitHub) -> int:
     installation = github.add_installation(account=OWNER, repos=REPOS)
@@ -328,13 +347,8 @@ async def test_a_sweep_of_a_hundred_repositories_from_a_rollout_issue(
     settings = github_settings.replace(
         control_repo=CONTROL, sweep_concurrency=5, stages_stable="100%"
     )
-    api = await make_api(settings_override=settings, with_github=True)
-    sw = Sweeps(api, github, fleet_of_repos)
-
-    async def installed() -> bool:
-        return await api.services.store.installation_for_repository(CONTROL) is not None
-
-    await wait_until(installed)
+    sw = await serving(make_api, settings, github, fleet_of_repos, repo=CONTROL)
+    api = sw.api
     admin = await sw.admin()
     await api.services.store.add_build(
         BuildRecord("build-new", "1.0.0", START, {"codex": "0.47.0"}, known_good_for=["codex"]),
@@ -392,13 +406,8 @@ async def test_a_sweep_workflow_posts_its_items_with_its_oidc_token(
     clock: ManualClock,
 ) -> None:
     settings = github_settings.replace(oidc_issuer=issuer.url)
-    api = await make_api(settings_override=settings, with_github=True, oidc_issuer=issuer.url)
-    sw = Sweeps(api, github, repos)
-
-    async def installed() -> bool:
-        return await api.services.store.repository_id(REPOS[3]) is not None
-
-    await wait_until(installed)
+    sw = await serving(make_api, settings, github, repos, repo=REPOS[3], oidc_issuer=issuer.url)
+    api = sw.api
     sweep = await sw.start(provider="claude_code", version="2.1.0")
     (dispatch,) = sw.dispatches(REPOS[3])
 
@@ -471,13 +480,7 @@ async def test_a_restart_mid_sweep_carries_on(
     make_api: MakeApi, github_settings: Settings, github: FakeGitHub, repos: int
 ) -> None:
     settings = github_settings.replace(sweep_concurrency=1)
-    api = await make_api(settings_override=settings, with_github=True)
-    sw = Sweeps(api, github, repos)
-
-    async def installed() -> bool:
-        return await api.services.store.installation_for_repository(REPOS[0]) is not None
-
-    await wait_until(installed)
+    sw = await serving(make_api, settings, github, repos)
     sweep = await sw.start(provider="codex", version="0.47.0")
     assert len(sw.dispatches()) == 1  # one at a time
     # The same database, a new process's worth of objects: the second waits its turn.
@@ -496,13 +499,8 @@ async def test_a_completed_rollout_is_swept_when_auto_sweep_is_on(
     make_api: MakeApi, github_settings: Settings, github: FakeGitHub, repos: int
 ) -> None:
     settings = github_settings.replace(auto_sweep=True, stages_stable="100%")
-    api = await make_api(settings_override=settings, with_github=True)
-    sw = Sweeps(api, github, repos)
-
-    async def installed() -> bool:
-        return await api.services.store.installation_for_repository(REPOS[0]) is not None
-
-    await wait_until(installed)
+    sw = await serving(make_api, settings, github, repos)
+    api = sw.api
     await api.services.store.add_build(
         BuildRecord("build-new", "1.0.0", START, {"codex": "0.47.0"}, known_good_for=["codex"]),
         START,
@@ -532,13 +530,8 @@ async def test_the_sweep_gate_holds_a_rollout_whose_sweep_failed(
     make_api: MakeApi, github_settings: Settings, github: FakeGitHub, repos: int, clock: ManualClock
 ) -> None:
     settings = github_settings.replace(sweep_gate=0.25, stages_stable="50%:1h,100%")
-    api = await make_api(settings_override=settings, with_github=True)
-    sw = Sweeps(api, github, repos)
-
-    async def installed() -> bool:
-        return await api.services.store.installation_for_repository(REPOS[0]) is not None
-
-    await wait_until(installed)
+    sw = await serving(make_api, settings, github, repos)
+    api = sw.api
     await api.services.store.add_build(
         BuildRecord("build-new", "1.0.0", START, {"codex": "0.47.0"}, known_good_for=["codex"]),
         START,
