@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.fleet.simulator import SessionModel, Simulator, SimulatorOptions
 from tests.service_process import ServiceProcess
@@ -134,6 +135,17 @@ async def test_a_good_build_completes_and_a_bad_one_is_rolled_back(tmp_path: Pat
                 while simulator.shares() != {"build-good": RUNNERS}:
                     assert time.monotonic() < deadline, simulator.shares()
                     await asyncio.sleep(0.2)
+                # The metrics tell the same story.
+                async with session.get(f"{service.url}/metrics") as response:
+                    families = {
+                        f"{sample.name}{sorted(sample.labels.items())}": sample.value
+                        for family in text_string_to_metric_families(await response.text())
+                        for sample in family.samples
+                    }
+                assert families["update_pipeline_rollouts[('state', 'completed')]"] == 1
+                assert families["update_pipeline_rollouts[('state', 'rolled_back')]"] == 1
+                accepted = "update_pipeline_heartbeats_total[('outcome', 'accepted')]"
+                assert families[accepted] > RUNNERS
             finally:
                 simulator.stop()
                 report = await running
