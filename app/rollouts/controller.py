@@ -196,7 +196,9 @@ class RolloutController:
     def judge(self, tally: StageTally) -> Verdict:
         """The stage's verdict: its thresholds first, then the baseline gate if set."""
         verdict = tally.verdict()
-        if verdict.outcome == "rollback":
+        # Runs on every counted heartbeat: the intervals (square roots) only when the
+        # baseline gate is on.
+        if verdict.outcome == "rollback" or self.settings.max_relative_regression is None:
             return verdict
         regression = judge_regression(
             compare(tally.total, tally.baseline),
