@@ -18,7 +18,7 @@ from app.clock import Clock
 from app.config import Settings
 from app.logs import get_logger
 from app.pipeline.events import EventBus
-from app.store import NewEffect, Store, Sweep, SweepRun
+from app.store import NewEffect, Rollout, Store, Sweep, SweepRepo, SweepRun
 from app.sweeps.config import STANDARD_INPUTS, SweepConfig
 
 if TYPE_CHECKING:
@@ -163,8 +163,9 @@ class SweepService:
         await self.finish_if_done(sweep.sweep_id)
         return await self.view(sweep.sweep_id)
 
-    async def _opted_in(self) -> list[Any]:
-        found, before = [], None
+    async def _opted_in(self) -> list[SweepRepo]:
+        found: list[SweepRepo] = []
+        before: str | None = None
         while True:
             page = await self.store.list_sweep_repos(opted_in=True, before=before, limit=500)
             found += [r for r in page if r.state == "opted_in" and r.excluded_at is None]
@@ -364,7 +365,7 @@ class SweepService:
 
     # -- the gate ---------------------------------------------------------------------------
 
-    async def hold(self, rollout: Any) -> str | None:
+    async def hold(self, rollout: Rollout) -> str | None:
         """Why a rollout must stay at its stage for its sweeps (UPDATE_PIPELINE_SWEEP_GATE):
         a sweep of it started during the stage still runs, or the latest one had more
         repositories fail than the gate allows. None when nothing holds it."""
