@@ -16,12 +16,14 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from datetime import UTC, datetime
@@ -705,3 +707,89 @@ def test_deploy_doc_exposes_exactly_the_routes_callers_outside_use() -> None:
         assert through(route.method, route.full_path) == (
             (route.method, route.full_path) in wanted
         ), route.full_path
+
+
+# -- what the image installs -------------------------------------------------------------
+
+
+def test_the_wheel_the_image_installs_serves_on_its_own(tmp_path: Path, dockerfile: str) -> None:
+    """No Docker engine runs where the tests run, so the image's build is followed step
+    by step instead: the wheel `pip wheel .` makes from the files the build stage copies,
+    installed alone, must serve and pass the image's health check. A module or data file
+    left out of the wheel (the manifest `setup` reads, say) fails here, not in a
+    container."""
+    build = stages(dockerfile)[0]
+    copied = [
+        word
+        for keyword, rest in build
+        if keyword == "COPY"
+        for word in rest.split()[:-1]  # the last word is the destination
+    ]
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in copied:
+        target = source / name
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, target)
+
+    def pip(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    # As in the image, the build backend comes from the index (in an isolated build
+    # environment); the dependencies are this environment's, so only the project's own
+    # wheel is built.
+    pip("wheel", "--no-deps", "--wheel-dir", str(tmp_path / "wheels"), str(source))
+    (wheel,) = (tmp_path / "wheels").glob("update_pipeline-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert "app/github/app.yml" in names
+    assert not any(n.startswith("tests/") for n in names), "the wheel carries the tests"
+    site = tmp_path / "site"
+    pip("install", "--no-deps", "--no-index", "--target", str(site), str(wheel))
+
+    env = {"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import app.github.manifest as m; print(m.__file__)"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(site), where.stdout
+    # The ENTRYPOINT: the console script the wheel installs.
+    helped = subprocess.run(
+        [str(site / "bin" / "update-pipeline"), "--help"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert helped.returncode == 0 and "serve" in helped.stdout, helped.stderr
+
+    async def serve_and_check() -> None:
+        async with ServiceProcess(tmp_path, env={"PYTHONPATH": str(site)}) as service:
+            await service.start()
+            checked = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-c", healthcheck_argv(dockerfile)[2]],
+                env={**env, "UPDATE_PIPELINE_PORT": str(service.port)},
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert checked.returncode == 0, checked.stderr + service.output()
+            await service.stop()
+
+    asyncio.run(serve_and_check())
