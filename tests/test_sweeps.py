@@ -516,7 +516,8 @@ async def test_a_completed_rollout_is_swept_when_auto_sweep_is_on(
 
     await wait_until(swept)
     await sw.settled()
-    _, page = await api.get("/sweeps", token=await sw.admin())
+    response, page = await api.get("/sweeps", token=await sw.admin())
+    assert response.status == 200, page
     (sweep,) = page["items"]
     assert (sweep["startedBy"], sweep["buildId"], sweep["rolloutId"]) == (
         "auto",
