@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -606,3 +607,14 @@ def test_rollout_tracking_settings_are_read_and_checked() -> None:
 def test_a_duration_too_long_for_any_clock_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="longer than any duration"):
         parse_duration("999999999999d")
+
+
+def test_every_setting_the_app_reads_is_documented() -> None:
+    """A variable added to the settings reader without a line in configuration.md would
+    leave operators guessing; the reader's own source is the list."""
+    root = Path(__file__).resolve().parent.parent
+    source = (root / "app" / "config.py").read_text()
+    read = set(re.findall(r"\"((?:UPDATE_PIPELINE|GITHUB)_[A-Z0-9_]+)\"", source))
+    assert len(read) > 40, "the pattern no longer finds the settings"
+    doc = (root / "docs" / "configuration.md").read_text()
+    assert sorted(name for name in read if f"`{name}`" not in doc) == []
