@@ -99,12 +99,15 @@ def validate_spec(spec: TokenSpec) -> None:
             f"token name {spec.name!r} must be 1-64 letters, digits, '.', '_' or '-',"
             " starting with a letter or digit"
         )
+    # Named as the API names the fields (the command's --org and --expires are the same).
     if spec.role is Role.RUNNER and not spec.org_id:
-        raise TokenSpecError("a runner token needs the id of the organisation it reports for")
+        raise TokenSpecError(
+            "orgId: a runner token needs the id of the organisation it reports for"
+        )
     if spec.role is not Role.RUNNER and spec.org_id:
-        raise TokenSpecError("only runner tokens belong to an organisation")
+        raise TokenSpecError("orgId: only runner tokens belong to an organisation")
     if spec.expires_in is not None and spec.expires_in <= timedelta(0):
-        raise TokenSpecError("expiry must be in the future")
+        raise TokenSpecError("expiresIn: expiry must be in the future")
 
 
 class TokenService:

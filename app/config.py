@@ -148,6 +148,7 @@ class Settings:
     command_permissions: tuple[tuple[str, str], ...] = ()
     runtime_manifest: str = "runtimes.json"  # provider -> version, in the runner repository
     public_url: str | None = None  # where people reach this service, for links
+    session_ttl: timedelta = timedelta(hours=12)  # how long a dashboard sign-in lasts
     canary_workflow: str = "canary.yml"
     canary_timeout: timedelta = timedelta(minutes=60)
     canary_min_pass_rate: float = 0.95
@@ -269,6 +270,7 @@ class _Reader:
                 "UPDATE_PIPELINE_RUNTIME_MANIFEST", _repo_path, d.runtime_manifest
             ),
             public_url=self.get("UPDATE_PIPELINE_PUBLIC_URL", _public_url, d.public_url),
+            session_ttl=self.get("UPDATE_PIPELINE_SESSION_TTL", _positive_duration, d.session_ttl),
             canary_workflow=self.get(
                 "UPDATE_PIPELINE_CANARY_WORKFLOW", _workflow_file, d.canary_workflow
             ),

@@ -17,6 +17,7 @@ from app.api.openapi import build_openapi
 from app.api.routing import OPENAPI, SERVICES
 from app.clock import Clock
 from app.config import Settings
+from app.dashboard import install as install_dashboard
 from app.fleet.service import retention
 from app.github import canary, commands, installations, sweeps, tracking
 from app.github.app import GitHubApp
@@ -59,11 +60,19 @@ async def metrics_middleware(
 
 
 def create_app(services: Services) -> web.Application:
-    app = web.Application(middlewares=[metrics_middleware, error_middleware])
+    settings = services.settings
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware],
+        # read_body enforces the limits, per route; aiohttp's own (1 MiB by default)
+        # would refuse a body the settings allow, such as a large push delivery.
+        client_max_size=max(settings.max_body_bytes, settings.webhook_max_bytes),
+    )
     app[SERVICES] = services
     table = build_route_table()
     table.install(app)
     app[OPENAPI] = build_openapi(table)
+    # The operator dashboard's pages at / and /dashboard/, beside the API.
+    install_dashboard(app, services)
 
     async def end_streams(_: web.Application) -> None:
         # Live event streams never finish by themselves; end them so shutdown need
@@ -90,6 +99,7 @@ def github_components(
             components.append(MissedDeliverySweep(missed))
         components.append(OutboxWorker(services.outbox, services.github))
     commands_registry = command_registry or CommandRegistry()
+    services.commands = commands_registry
     routers: list[routing.Router] = []
     settings = services.settings
     if services.github is not None and settings.runner_repo is not None:
@@ -123,6 +133,8 @@ def github_components(
             services.rollouts.listeners.append(sweeps.auto_sweep(service))
         if settings.sweep_gate is not None:
             services.rollouts.holds.append(service.hold)
+            # A stage held for its sweep moves on as soon as the sweep ends.
+            service.finished.append(lambda _sweep_id: services.rollouts.wake.set())
     # Every feature's router, merged here so one place shows all that reacts to GitHub;
     # features add their slash commands to the one registry.
     routers += [installations.router, commands.router, canary.router]
@@ -133,6 +145,8 @@ def github_components(
         permissions=PermissionCache(services.clock),
         canary=services.canary,
         settings=settings,
+        store=services.store,
+        clock=services.clock,
     )
     components.append(
         WebhookProcessor(

@@ -9,6 +9,7 @@ from app.clock import Clock
 from app.config import Settings
 from app.fleet.service import Fleet
 from app.github.app import NOT_CONFIGURED, GitHubApp
+from app.github.commands import CommandRegistry
 from app.github.oidc import OidcVerifier
 from app.github.outbox import Outbox
 from app.github.webhooks import Deliveries
@@ -40,6 +41,9 @@ class Services:
     oidc: OidcVerifier | None = None
     # Why an enabled pipeline is not running (its start failed), for /ready and /status.
     pipeline_error: str | None = None
+    # The slash commands and the permission each needs: the dashboard's buttons follow
+    # the same table (set by github_components).
+    commands: CommandRegistry | None = None
     sse_keepalive_seconds: float = 15.0
     metrics: Metrics = field(default_factory=Metrics)
 

@@ -97,14 +97,14 @@ class Workload:
     body: bytes
 
     @classmethod
-    def build(cls, port: int, body: bytes) -> Workload:
+    def build(cls, port: int, body: bytes, event: str = EVENT) -> Workload:
         headers = [
             f"POST {ENDPOINT} HTTP/1.1",
             f"Host: 127.0.0.1:{port}",
             "User-Agent: GitHub-Hookshot/bench",
             "Content-Type: application/json",
             f"Content-Length: {len(body)}",
-            f"X-GitHub-Event: {EVENT}",
+            f"X-GitHub-Event: {event}",
             f"X-Hub-Signature-256: {signature(body, SECRET)}",
             # Last, so a request's head is prefix + id + blank line, with no formatting.
             "X-GitHub-Delivery: ",

@@ -52,7 +52,7 @@ from http import HTTPStatus
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlencode
 
 import jsonschema
 import jwt
@@ -231,6 +231,7 @@ class Recorded:
     operation: str | None = None  # the conformance key, None when no operation matched
     params: dict[str, str] = field(default_factory=dict)  # decoded path parameters
     installation_id: int | None = None  # whose token made it
+    at: datetime | None = None  # when it arrived, on the fake's clock
 
     @property
     def target(self) -> str:
@@ -248,7 +249,13 @@ class Fault:
     body: Any = None
     delay: float = 0.0
     reset: bool = False
+    until: datetime | None = None  # on the fake's clock; None: until ``times`` runs out
     hits: int = 0
+
+    def active_at(self, moment: datetime) -> bool:
+        if self.until is not None and moment >= self.until:
+            return False
+        return self.times is None or self.hits < self.times
 
     @property
     def active(self) -> bool:
@@ -525,6 +532,12 @@ class FakeGitHub:
         self.rate_windows: dict[str, RateWindow] = {}
         self.manifest_codes: dict[str, dict[str, Any]] = {}  # code -> the App manifest
         self.created_apps: list[dict[str, Any]] = []  # what the code exchanges answered
+        # The App's user authorisation flow, on the fake's web side (see _authorize).
+        self.oauth_client_id = "Iv1.fakeclientid"
+        self.oauth_client_secret = "fake-oauth-client-secret"
+        self.oauth_login: str | None = None  # who approves on the authorize page
+        self.oauth_codes: dict[str, tuple[str, str]] = {}  # code -> (login, redirect_uri)
+        self.oauth_exchanges: list[dict[str, str]] = []  # each exchange's form, no secret
         self._ids = itertools.count(1001)
         self._users: dict[str, tuple[str, int, str]] = {}
         self._server: TestServer | None = None
@@ -536,6 +549,9 @@ class FakeGitHub:
 
     async def start(self) -> FakeGitHub:
         app = web.Application()
+        # GitHub's web side (github.com, not the API), served at the same address.
+        app.router.add_get("/login/oauth/authorize", self._authorize)
+        app.router.add_post("/login/oauth/access_token", self._access_token)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._server = TestServer(app, host="127.0.0.1", port=0)
         await self._server.start_server(shutdown_timeout=2.0, access_log=None)
@@ -616,6 +632,49 @@ class FakeGitHub:
 
     def _usable(self, token: Token) -> bool:
         return not token.revoked and token.expires_at > self.now()
+
+    # -- the App's user authorisation flow (the web side) --
+
+    async def _authorize(self, request: web.Request) -> web.StreamResponse:
+        """GitHub's authorize page with ``oauth_login`` signed in and approving at once:
+        back to ``redirect_uri`` with a one-time code and the state; with no one set,
+        the person declines (``error=access_denied``). An unknown client is a 404 page."""
+        query = request.query
+        redirect = query.get("redirect_uri", "")
+        if query.get("client_id") != self.oauth_client_id or not redirect.startswith("http"):
+            return web.Response(status=404, text="Not Found")
+        back = {"state": query.get("state", "")}
+        if self.oauth_login is None:
+            back["error"] = "access_denied"
+        else:
+            code = secrets.token_hex(10)
+            self.oauth_codes[code] = (self.oauth_login, redirect)
+            back["code"] = code
+        separator = "&" if "?" in redirect else "?"
+        raise web.HTTPFound(redirect + separator + urlencode(back))
+
+    async def _access_token(self, request: web.Request) -> web.StreamResponse:
+        """The code exchange: a code works once, for the client it was issued to and the
+        redirect_uri it was sent to; GitHub answers a bad one with 200 and an error."""
+        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        self.oauth_exchanges.append({k: v for k, v in form.items() if k != "client_secret"})
+        if (
+            form.get("client_id") != self.oauth_client_id
+            or form.get("client_secret") != self.oauth_client_secret
+        ):
+            answer = {"error": "incorrect_client_credentials"}
+        else:
+            found = self.oauth_codes.pop(form.get("code", ""), None)
+            if found is None or form.get("redirect_uri", found[1]) != found[1]:
+                answer = {"error": "bad_verification_code"}
+            else:
+                token = self.issue_user_token(found[0])
+                answer = {"access_token": token, "token_type": "bearer", "scope": ""}
+        if "application/json" in request.headers.get("Accept", ""):
+            return web.json_response(answer)
+        return web.Response(
+            text=urlencode(answer), content_type="application/x-www-form-urlencoded"
+        )
 
     # -- the App manifest flow --
 
@@ -1034,15 +1093,18 @@ class FakeGitHub:
         body: Any = None,
         delay: float = 0.0,
         reset: bool = False,
+        until: datetime | None = None,
     ) -> Fault:
         """Fail the next ``times`` matching requests (None: all of them).
 
         ``pattern`` is a conformance key or a ``METHOD /path`` glob. After ``delay`` seconds
         the fault closes the connection unanswered (``reset``), or answers ``status`` with
         ``headers`` and ``body`` (GitHub-like default body), or -- with ``status=None`` --
-        lets the request through (slowness only).
+        lets the request through (slowness only). With ``until``, the fault lasts only
+        until that moment of the fake's clock: an outage or a rate-limit window that ends
+        when the test's clock gets there.
         """
-        fault = Fault(pattern, status, times, dict(headers or {}), body, delay, reset)
+        fault = Fault(pattern, status, times, dict(headers or {}), body, delay, reset, until)
         self.faults.append(fault)
         return fault
 
@@ -1066,6 +1128,7 @@ class FakeGitHub:
             dict(request.query),
             CIMultiDict(request.headers),
             body,
+            at=self.now(),
         )
         self.requests.append(record)
         try:
@@ -1106,11 +1169,12 @@ class FakeGitHub:
         problems: list[str],
         body_error: str | None,
     ) -> web.StreamResponse | None:
+        moment = self.now()
         fault = next(
             (
                 f
                 for f in self.faults
-                if f.active and _matches(f.pattern, request.method, request.path, key)
+                if f.active_at(moment) and _matches(f.pattern, request.method, request.path, key)
             ),
             None,
         )
@@ -1739,6 +1803,30 @@ def response_problems(key: str, status: int, body: Any) -> list[str]:
 @operation("GET /app")
 def _get_app(ctx: Ctx) -> Any:
     return ctx.fake.app_json()
+
+
+@operation("GET /user")
+def _authenticated_user(ctx: Ctx) -> Any:
+    """The user a user-to-server token belongs to (as a public user)."""
+    assert ctx.caller.login is not None
+    body = ctx.fake.user(ctx.caller.login)
+    since = "2020-01-01T00:00:00Z"
+    body.update(
+        name=None,
+        company=None,
+        blog="",
+        location=None,
+        email=None,
+        hireable=None,
+        bio=None,
+        public_repos=0,
+        public_gists=0,
+        followers=0,
+        following=0,
+        created_at=since,
+        updated_at=since,
+    )
+    return body
 
 
 # Registered by each fake (FakeGitHub.__init__) rather than with @operation: SMOKE in

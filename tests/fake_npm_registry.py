@@ -54,7 +54,9 @@ class Recorded:
 @dataclass
 class Fault:
     """The next ``times`` requests wait ``delay`` seconds, then are reset, answered with
-    ``status``, or (``body`` set) answered 200 with that body and a fresh ETag."""
+    ``status``, or (``body`` set) answered 200 with that body and a fresh ETag, as
+    ``content_type``; ``size`` answers 200 with that many bytes, streamed in chunks
+    without a Content-Length (a document too large to hold)."""
 
     status: int | None = 500
     times: int = 1
@@ -62,6 +64,8 @@ class Fault:
     body: bytes | None = None
     reset: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+    size: int | None = None
     hits: int = 0
 
 
@@ -187,9 +191,11 @@ class FakeNpmRegistry:
         body: bytes | None = None,
         reset: bool = False,
         headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        size: int | None = None,
     ) -> Fault:
         """Inject a fault into the next ``times`` requests (``status=None``: only slow)."""
-        fault = Fault(status, times, delay, body, reset, dict(headers or {}))
+        fault = Fault(status, times, delay, body, reset, dict(headers or {}), content_type, size)
         self.faults.append(fault)
         return fault
 
@@ -240,11 +246,13 @@ class FakeNpmRegistry:
                 if request.transport is not None:
                     request.transport.close()
                 return None
+            if fault.size is not None:
+                return await _stream(request, fault.size, fault.content_type)
             if fault.body is not None:
                 self._fault_bodies += 1
                 headers = {"ETag": f'"broken-{self._fault_bodies}"', **fault.headers}
                 return web.Response(
-                    body=fault.body, content_type="application/json", headers=headers
+                    body=fault.body, content_type=fault.content_type, headers=headers
                 )
             if fault.status is not None:
                 return _error(fault.status, "injected fault", fault.headers)
@@ -265,6 +273,24 @@ class FakeNpmRegistry:
         if _not_modified(request, entry):
             return web.Response(status=304, headers=headers)
         return web.Response(body=entry.body, content_type="application/json", headers=headers)
+
+
+async def _stream(request: web.Request, size: int, content_type: str) -> web.StreamResponse:
+    """A JSON document whose first string never ends, ``size`` bytes of it, chunked: only
+    reading shows how large it is. A client that stops reading and hangs up ends it."""
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    chunk = b"x" * (1 << 20)
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        await response.write(b'{"name": "')
+        while sent < size:
+            piece = chunk[: size - sent]
+            await response.write(piece)
+            sent += len(piece)
+        await response.write_eof()
+    return response
 
 
 def _not_modified(request: web.Request, entry: _Package) -> bool:

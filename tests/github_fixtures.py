@@ -34,6 +34,11 @@ APP_OPERATIONS: set[str] = set()
 # and the files of the live tests it leaves out.
 _deselected: list[str] = []
 _live_files: set[Path] = set()
+# The test files whose tests started, here or (for the controller of pytest -n) in any
+# worker, and the workers that reported.
+_ran_files: set[Path] = set()
+_workers_seen: list[object] = []
+_root: list[Path] = [Path.cwd()]
 
 
 @pytest.fixture
@@ -135,7 +140,18 @@ def _github_conformance_session(request: pytest.FixtureRequest) -> Iterator[None
     problems = _reported + _collect()
     if problems:
         pytest.fail(_report(problems, "in this session"), pytrace=False)
-    _check_manifest_permissions(request.session)
+    config = request.config
+    if _is_worker(config):
+        # One of several processes (pytest -n): it ran part of the suite, so it checks
+        # only that nothing it saw lacks a permission, and hands what it saw to the
+        # controller, which checks the whole run (pytest_sessionfinish below).
+        output = config.workeroutput  # type: ignore[attr-defined]
+        output["app_operations"] = sorted(APP_OPERATIONS)
+        output["ran_files"] = sorted(str(f) for f in _ran_files | _live_files)
+        output["deselected"] = bool(_deselected)
+        _fail_on(_permission_problems(complete=False))
+        return
+    _fail_on(_permission_problems(complete=_whole_suite(request.session)))
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -146,21 +162,62 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
             _live_files.add(Path(item.path))
 
 
-def _check_manifest_permissions(session: pytest.Session) -> None:
+def pytest_configure(config: pytest.Config) -> None:
+    _root[:] = [config.rootpath]
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    # The location is relative to the root directory.
+    _ran_files.add((_root[0] / location[0]).resolve())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """pytest-xdist, in the controller: a worker ended; keep what it saw."""
+    output = getattr(node, "workeroutput", {})
+    APP_OPERATIONS.update(output.get("app_operations", ()))
+    _ran_files.update(Path(f) for f in output.get("ran_files", ()))
+    if output.get("deselected"):
+        _deselected.append("(in a worker)")
+    _workers_seen.append(node)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _is_worker(session.config) or not _workers_seen:
+        return  # a single process checked it in the session fixture
+    problems = _permission_problems(complete=_whole_suite(session))
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(_permission_report(problems), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _permission_problems(*, complete: bool) -> list[str]:
     """Every operation the app made needs a permission app.yml grants, always. That
     app.yml grants nothing more is checked only when the whole suite ran: after a part
     of it, an unused permission may just belong to the tests left out."""
     # The table of operations and permissions lives with the manifest's own tests.
     from tests.test_manifest import permission_problems
 
-    problems = permission_problems(APP_OPERATIONS, complete=_whole_suite(session))
+    return permission_problems(APP_OPERATIONS, complete=complete)
+
+
+def _permission_report(problems: list[str]) -> str:
+    listed = "\n".join(f"  - {p}" for p in problems)
+    return (
+        "app.yml's permissions do not match the GitHub calls the app made in this"
+        f" session (see OPERATION_PERMISSIONS in tests/test_manifest.py):\n{listed}"
+    )
+
+
+def _fail_on(problems: list[str]) -> None:
     if problems:
-        listed = "\n".join(f"  - {p}" for p in problems)
-        pytest.fail(
-            "app.yml's permissions do not match the GitHub calls the app made in this"
-            f" session (see OPERATION_PERMISSIONS in tests/test_manifest.py):\n{listed}",
-            pytrace=False,
-        )
+        pytest.fail(_permission_report(problems), pytrace=False)
 
 
 def _whole_suite(session: pytest.Session) -> bool:
@@ -172,5 +229,5 @@ def _whole_suite(session: pytest.Session) -> bool:
         return forced in ("1", "true")
     if session.testsfailed or session.shouldstop or session.shouldfail or _deselected:
         return False
-    ran = {Path(item.path) for item in session.items} | _live_files
-    return set(Path(__file__).parent.glob("test_*.py")) <= ran
+    ran = _ran_files | {f.resolve() for f in _live_files}
+    return {f.resolve() for f in Path(__file__).parent.glob("test_*.py")} <= ran

@@ -29,6 +29,7 @@ from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from app import backup as backup_module
@@ -752,6 +753,9 @@ def test_the_wheel_the_image_installs_serves_on_its_own(tmp_path: Path, dockerfi
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert "app/github/app.yml" in names
+    # The dashboard serves its own assets (no CDN), so they must travel in the wheel.
+    for asset in (ROOT / "app" / "dashboard" / "static").iterdir():
+        assert f"app/dashboard/static/{asset.name}" in names
     assert not any(n.startswith("tests/") for n in names), "the wheel carries the tests"
     site = tmp_path / "site"
     pip("install", "--no-deps", "--no-index", "--target", str(site), str(wheel))
@@ -790,6 +794,13 @@ def test_the_wheel_the_image_installs_serves_on_its_own(tmp_path: Path, dockerfi
                 check=False,
             )
             assert checked.returncode == 0, checked.stderr + service.output()
+            # The dashboard's stylesheet, served from the installed package.
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(service.url + "/dashboard/static/dashboard.css") as response,
+            ):
+                assert response.status == 200
+                assert response.content_type == "text/css"
             await service.stop()
 
     asyncio.run(serve_and_check())

@@ -751,6 +751,7 @@ SHA = "ce587453ced02b1526dfb4cb910479d431683101"
 # whose answer has an ``id`` stores it (its ``number`` if any) under its last path word.
 SMOKE: list[tuple[str, str, str, Any, int]] = [
     ("app", "GET", "/app", None, 200),
+    ("user", "GET", "/user", None, 200),
     ("app", "GET", "/app/installations", None, 200),
     ("app", "GET", "/app/installations/{installation}", None, 200),
     ("app", "POST", "/app/installations/{installation}/access_tokens", {}, 201),
@@ -830,7 +831,11 @@ async def test_every_implemented_operation_answers_as_the_subset_documents(http,
         ),
     }
     github.add_release("acme/runner", "v1.0.0")
-    auth = {"app": f"Bearer {app_jwt(github)}", "token": await token(http, github, installation)}
+    auth = {
+        "app": f"Bearer {app_jwt(github)}",
+        "token": await token(http, github, installation),
+        "user": f"token {github.issue_user_token('alice')}",
+    }
 
     covered = set()
     for credential, method, path, body, expected in SMOKE:

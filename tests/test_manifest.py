@@ -75,6 +75,9 @@ OPERATION_PERMISSIONS: dict[str, tuple[str, str] | None] = {
     "GET /app/hook/deliveries": None,
     "POST /app/hook/deliveries/{delivery_id}/attempts": None,
     CONVERSION: None,
+    # The dashboard's GitHub sign-in reads who signed in with the user's own token: a
+    # user-to-server call, which needs no App permission.
+    "GET /user": None,
     # Metadata.
     "GET /repos/{owner}/{repo}": ("metadata", "read"),
     "GET /repos/{owner}/{repo}/topics": ("metadata", "read"),  # the client's own tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 
@@ -10,7 +11,8 @@ from app.clock import ManualClock
 from app.config import Settings
 from app.pipeline import UpdatePipeline
 from app.pipeline.events import EventBus
-from app.store import SqliteStore
+from app.pipeline.periodic import Periodic
+from app.store import SqliteStore, StoreBusy, StoreError
 
 
 class Recorder:
@@ -102,3 +104,24 @@ async def test_two_tasks_cannot_share_a_name(make_pipeline):
     with pytest.raises(ValueError, match="already running"):
         pipeline.spawn("loop", asyncio.sleep(3600))
     await pipeline.stop()
+
+
+async def test_a_periodic_task_meeting_a_locked_database_tries_again_within_seconds() -> None:
+    calls = 0
+    done = asyncio.Event()
+
+    async def work() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreBusy("database is locked")
+        done.set()
+
+    # An interval of a day: only the busy retry can bring the second call this soon.
+    periodic = Periodic("retention", work, timedelta(days=1), survives=(StoreError,))
+    task = asyncio.create_task(periodic._loop())
+    try:
+        await asyncio.wait_for(done.wait(), timeout=10)
+    finally:
+        task.cancel()
+    assert calls == 2

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,48 @@ def test_stored_times_are_fixed_width_in_every_year_and_out_of_range_ones_refuse
     assert isoformat(early) < isoformat(datetime(2026, 1, 1, tzinfo=UTC))
     with pytest.raises(ValueError, match="outside the years"):
         parse_iso("9999-12-31T23:00:00-05:00")
+
+
+async def test_a_comment_is_claimed_by_its_first_delivery_until_pruned(store: SqliteStore):
+    assert await store.claim_comment(7, "first", START) == "first"
+    # The same delivery again (processed after a crash) finds itself; a copy does not.
+    assert await store.claim_comment(7, "first", START) == "first"
+    assert await store.claim_comment(7, "copy", START + timedelta(minutes=1)) == "first"
+    assert await store.claim_comment(8, "copy", START) == "copy"
+
+    # Kept as long as deliveries are: after that, GitHub's signatures are the guard.
+    await store.prune_deliveries(START + timedelta(seconds=1))
+    assert await store.claim_comment(7, "later", START + timedelta(days=1)) == "later"
+
+
+async def test_processed_deliveries_lose_their_payload_first_and_their_id_later(
+    store: SqliteStore,
+):
+    def delivery(name: str) -> Delivery:
+        body = '{"action": "created", "big": "' + "x" * 1000 + '"}'
+        return Delivery(
+            name, "issue_comment", "created", 1, body, "pending", 0, START, None, START, None
+        )
+
+    for name in ("done", "failed", "pending"):
+        assert await store.add_delivery(delivery(name))
+    await store.finish_delivery("done", START)
+    await store.fail_delivery("failed", "boom", retry_at=None, at=START)
+
+    later = START + timedelta(days=2)
+    assert await store.prune_deliveries(START - timedelta(days=30), payloads_before=later) == 0
+    payloads = {
+        d.delivery_id: d.payload
+        for d in await store.list_deliveries(status=None, before=None, limit=10)
+    }
+    # The processed one keeps its id (a copy is still recognised), not its body; a failed
+    # one keeps its body for a retry, and a pending one has yet to be processed.
+    assert payloads["done"] == "{}"
+    assert len(payloads["failed"]) > 1000 and len(payloads["pending"]) > 1000
+    assert not await store.add_delivery(delivery("done"))
+    # Nothing is left to run again; the failed one still can be.
+    assert await store.requeue_delivery("done", later) is None
+    assert await store.requeue_delivery("failed", later) is not None
+    await store.fail_delivery("failed", "boom", retry_at=None, at=START)
+
+    assert await store.prune_deliveries(later) == 2  # done and failed, by age

@@ -552,8 +552,11 @@ async def test_the_sweep_gate_holds_a_rollout_whose_sweep_failed(
     assert now["currentPercentage"] == 50
     assert now["nextStep"]["detail"] == f"held: waiting for sweep {view.sweep.sweep_id} to finish"
     runs = {d["repo"]: d["run_id"] for d in sw.dispatches()}
+    api.services.rollouts.wake.clear()
     await sw.run_event(REPOS[0], runs[REPOS[0]], conclusion="failure")
     await sw.run_event(REPOS[3], runs[REPOS[3]], conclusion="success")
+    # The sweep's end wakes the rollout timer, which need not wait for its next look.
+    assert api.services.rollouts.wake.is_set()
     await api.services.rollouts.step_all()
     _, now = await api.get(f"/rollouts/{rollout_id}", token=admin)
     assert now["currentPercentage"] == 50

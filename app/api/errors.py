@@ -12,11 +12,14 @@ from typing import Any
 from aiohttp import web
 
 from app.logs import get_logger
+from app.store import StoreBusy
 
 log = get_logger("api")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Seconds a client is asked to wait when the database stayed locked past the busy timeout.
+BUSY_RETRY_AFTER = 5
 
 # Codes for statuses aiohttp raises itself (unknown route, wrong method, ...).
 _CODES = {
@@ -122,6 +125,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as exc:
         response = error_response(
             exc.status, exc.code, exc.message, headers=exc.headers, state=exc.state
+        )
+    except StoreBusy as exc:
+        # Another process kept the database locked past the busy timeout: nothing was
+        # written, and the same request will do once the lock is gone.
+        log.warning("%s %s (request %s): %s", request.method, request.path, request_id, exc)
+        response = error_response(
+            503,
+            "DATABASE_BUSY",
+            "the database is busy (locked by another process); try again shortly",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
         )
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -140,13 +140,13 @@ def _hang_up(request: web.Request) -> None:
 
 
 def _last_event_id(call: Call) -> int | None:
-    raw = call.request.headers.get("Last-Event-ID")
+    raw, where = call.request.headers.get("Last-Event-ID"), "Last-Event-ID"
     if raw is None:
-        raw = call.query.get("lastEventId")
+        raw, where = call.query.get("lastEventId"), "lastEventId (Last-Event-ID as a query)"
     if raw is None or raw == "":
         return None
     if not _is_id(raw):
-        raise ApiError(400, "INVALID_LAST_EVENT_ID", "Last-Event-ID must be an event id")
+        raise ApiError(400, "INVALID_LAST_EVENT_ID", f"{where} must be an event id")
     return int(raw)
 
 
@@ -210,8 +210,10 @@ ROUTES = [
             "Each event's SSE name is its stream name (design section 3.2, e.g. "
             "update_rollout_started; update_<type> otherwise) and its data is the event JSON. "
             "Reconnect with Last-Event-ID to receive what was missed. A client that falls "
-            "far behind is disconnected and can resume the same way."
+            "far behind is disconnected and can resume the same way. Without an "
+            "Authorization header, a dashboard session cookie is taken instead."
         ),
+        session_cookie=True,
         tag="events",
     ),
 ]

@@ -14,6 +14,7 @@ from app.clock import isoformat
 from app.pipeline import CHANNELS
 from app.pipeline.canary.service import BUILD_ID_PATTERN
 from app.rollouts.controller import (
+    MAX_REASON,
     STATES,
     Gate,
     InvalidTransition,
@@ -27,7 +28,7 @@ from app.store import Freeze, HistoryEntry, Rollout, StaleRollout
 _DATE = {"type": "string", "format": "date-time"}
 _DATE_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
 _RATE = {"type": "number", "minimum": 0, "maximum": 1}
-_REASON = {"type": "string", "minLength": 1, "maxLength": 500}
+_REASON = {"type": "string", "minLength": 1, "maxLength": MAX_REASON}
 # How many org ids a rollout's view lists; the rest are paged at /rollouts/{id}/orgs.
 ORG_IDS_SHOWN = 1000
 

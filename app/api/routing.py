@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,9 @@ JSON = "application/json"
 EVENT_STREAM = "text/event-stream"
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
 _BEARER = re.compile(r"^Bearer\s+(\S+)\s*$", re.IGNORECASE)
+# Request bodies are at most three levels deep; JSON nested much deeper than that can only
+# be meant to exhaust the stack of the parser or of the schema validators (a 500).
+MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,9 @@ class Route:
     # before the body is read and returns who it proved to be (raising ApiError when it
     # proves nothing).
     workflow_auth: Callable[[Services, str, Mapping[str, str]], Awaitable[str]] | None = None
+    # Also taken without a bearer token: the dashboard's session cookie (through
+    # COOKIE_AUTH), for what a browser's EventSource reads, as it cannot send a header.
+    session_cookie: bool = False
 
     @property
     def full_path(self) -> str:
@@ -110,7 +116,10 @@ class RouteTable:
 
     def install(self, app: web.Application) -> None:
         for route in self.routes:
-            app.router.add_route(route.method, route.full_path, _endpoint(route))
+            # aiohttp's own pattern for {name} leaves out "{" and "}", so an id holding one
+            # would meet an undocumented 404 instead of its route's own answer.
+            path = _PATH_PARAM.sub(r"{\1:[^/]+}", route.full_path)
+            app.router.add_route(route.method, path, _endpoint(route))
 
 
 def statuses(route: Route) -> dict[int, str]:
@@ -128,8 +137,17 @@ def statuses(route: Route) -> dict[int, str]:
     if route.request is not None:
         found[413] = "The body is larger than UPDATE_PIPELINE_MAX_BODY_BYTES."
     found.update(route.errors)
+    # Any route may meet the database locked by another process for longer than the busy
+    # timeout (a token's first use in a while writes too).
+    found[503] = f"{found[503]} {DATABASE_BUSY}" if 503 in found else DATABASE_BUSY
     found[500] = "Unexpected server error; the body carries a request id."
     return found
+
+
+DATABASE_BUSY = (
+    "The database stayed locked by another process past the busy timeout"
+    " (DATABASE_BUSY, with Retry-After); nothing was changed."
+)
 
 
 def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -154,7 +172,11 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
                 # Before the body is read: an unproven caller costs no parsing.
                 workflow = await route.workflow_auth(services, bearer, request.match_info)
         elif route.bearer:
-            principal = await _authenticate(request, services)
+            cookie_auth = request.app.get(COOKIE_AUTH)
+            if route.session_cookie and cookie_auth is not None and not _has_bearer(request):
+                principal = await cookie_auth(request)
+            if principal is None:
+                principal = await _authenticate(request, services)
         if principal is not None and not route.access.allows(principal.role):
             raise ApiError(
                 403,
@@ -177,6 +199,13 @@ def _endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
 
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="update-pipeline"'}
+# Who a request's session cookie signs in (None: no session), or an ApiError.
+CookieAuth = Callable[[web.Request], Awaitable[Principal | None]]
+COOKIE_AUTH: web.AppKey[CookieAuth] = web.AppKey("cookie_auth")
+
+
+def _has_bearer(request: web.Request) -> bool:
+    return "Authorization" in request.headers
 
 
 def _bearer(request: web.Request) -> str:
@@ -236,14 +265,67 @@ async def read_json(request: web.Request, limit: int, *, optional: bool = False)
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "INVALID_JSON", "request body is not UTF-8 text") from None
+    too_deep = ApiError(
+        400, "INVALID_JSON", f"the JSON nests more than {MAX_JSON_DEPTH} levels deep"
+    )
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(
             400,
             "INVALID_JSON",
             f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
         ) from None
+    except RecursionError:  # the parser's own limit, far deeper than ours
+        raise too_deep from None
+    except ValueError:  # an integer longer than int() converts (4,300 digits)
+        raise ApiError(400, "INVALID_JSON", "the JSON has a number too long to read") from None
+    # Counting brackets is cheap and clears almost every body (a heartbeat has three);
+    # only a body with more of them is walked.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        raise too_deep
+    # Only a \ud800 to \udfff escape puts half of a UTF-16 pair in a string; no character
+    # is one, so it could be neither stored nor served as UTF-8 (a 500 either way).
+    if _SURROGATE_ESCAPE.search(text) and (where := _lone_surrogate(value)) is not None:
+        raise ApiError(
+            400, "INVALID_JSON", f"{where}: escapes a lone UTF-16 surrogate, which is no character"
+        )
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """Where in a parsed body a string, or an object's key, holds a lone surrogate."""
+    stack: list[tuple[Any, str]] = [(value, "body")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return where
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if _SURROGATE.search(key):
+                    return f"{where} (one of its keys)"
+                stack.append((inner, f"{where}.{key}"))
+        elif isinstance(item, list):
+            stack.extend((inner, f"{where}[{index}]") for index, inner in enumerate(item))
+    return None
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` has more than ``limit`` levels of lists and objects (without
+    recursion: the point is to refuse what would exhaust the validators' stack)."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _parse_query(
@@ -298,11 +380,32 @@ def _validate(validator: Draft202012Validator, value: Any, where: str) -> None:
     error: ValidationError | None = best_match(validator.iter_errors(value))
     if error is None:
         return
-    location = where + "".join(
-        f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
-    )
-    message = error.message if len(error.message) <= 300 else error.message[:297] + "..."
+    location = where + _path(error.absolute_path)
+    message = _message(error)
+    message = message if len(message) <= 300 else message[:297] + "..."
     raise ApiError(400, "VALIDATION_FAILED", f"{location}: {message}")
+
+
+def _path(parts: Iterable[Any]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+
+
+def _message(error: ValidationError) -> str:
+    """jsonschema's message, but for a oneOf or anyOf that fails as a whole: its own says
+    only that the value fits none (or more than one) of its forms, naming no field; this
+    says what each form lacks."""
+    if error.validator not in ("oneOf", "anyOf"):
+        return error.message
+    if not error.context:  # a oneOf that more than one form fits
+        alternatives: list[Any] = list(error.validator_value)  # type: ignore[arg-type]
+        fitting = ", ".join(repr(form) for form in alternatives)
+        return f"fits more than one of the forms it may take ({fitting}); give exactly one"
+    forms: dict[Any, list[str]] = {}
+    for problem in error.context:
+        where = _path(problem.relative_path).removeprefix(".")
+        said = f"{where}: {problem.message}" if where else problem.message
+        forms.setdefault(problem.relative_schema_path[0], []).append(said)
+    return "; or ".join(" and ".join(problems) for problems in forms.values())
 
 
 OPENAPI = web.AppKey("openapi", dict)

@@ -11,7 +11,7 @@ from app.api.errors import ApiError, json_response
 from app.api.routing import Call, QueryParam, Route, page_params, read_body
 from app.auth import Access
 from app.clock import isoformat
-from app.github.webhooks import delivery_fields, signature_valid
+from app.github.webhooks import delivery_fields, payload_problem, signature_valid
 from app.logs import get_logger
 from app.store import Delivery
 
@@ -80,11 +80,16 @@ async def receive(call: Call) -> web.StreamResponse:
     try:
         # Parsed only to refuse what is not JSON and to index two fields; orjson because
         # this is the costliest step of intake (it also refuses text that is not UTF-8).
-        action, installation_id = delivery_fields(orjson.loads(body))
+        payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "INVALID_JSON", f"body is not JSON: {exc}") from None
     if event == "ping":
         return json_response({"pong": True})
+    # What no handler could use is never stored (nor retried, nor sent back to GitHub).
+    problem = payload_problem(payload)
+    if problem is not None:
+        raise ApiError(400, "VALIDATION_FAILED", f"payload: {problem}")
+    action, installation_id = delivery_fields(payload)
     stored = await services.deliveries.accept(
         event, delivery_id, body, action=action, installation_id=installation_id
     )
@@ -122,7 +127,12 @@ async def retry_delivery(call: Call) -> web.StreamResponse:
     services = call.services
     delivery = await services.store.requeue_delivery(call.path["id"], services.clock.now())
     if delivery is None:
-        raise ApiError(404, "NOT_FOUND", f"no delivery {call.path['id']!r}")
+        raise ApiError(
+            404,
+            "NOT_FOUND",
+            f"no delivery {call.path['id']!r} with its payload (a processed delivery keeps"
+            " it for a day)",
+        )
     services.deliveries.wake.set()
     return json_response(delivery_json(delivery))
 
@@ -139,7 +149,8 @@ ROUTES = [
         status=202,
         prefix="/api/github",
         errors={
-            400: "Not JSON, or missing X-GitHub-Event / X-GitHub-Delivery.",
+            400: "Not JSON, missing X-GitHub-Event / X-GitHub-Delivery, or a payload whose"
+            " action, installation id, repository names or sender are of the wrong type.",
             401: "Missing or wrong X-Hub-Signature-256 (SHA-1 alone is refused).",
             413: "Larger than UPDATE_PIPELINE_WEBHOOK_MAX_BYTES.",
             503: "GITHUB_WEBHOOK_SECRET is not set.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,7 +62,9 @@ class AppAuth:
 
     async def rejected(self, value: str) -> bool:
         # A fresh JWT is worth one more try only if the rejected one was not just minted.
-        if value == f"Bearer {self._jwt}":
+        if self._jwt is not None and hmac.compare_digest(
+            value.encode(), f"Bearer {self._jwt}".encode()
+        ):
             self._jwt = None
             return True
         return False
@@ -105,7 +108,7 @@ class InstallationTokens:
     def invalidate(self, installation_id: int, token: str) -> bool:
         """Forget ``token`` if it is still the cached one; True when it was."""
         cached = self._cache.get(installation_id)
-        if cached is not None and cached.token == token:
+        if cached is not None and hmac.compare_digest(cached.token.encode(), token.encode()):
             del self._cache[installation_id]
             return True
         return False

@@ -428,6 +428,20 @@ async def comment_created(event: sansio.Event, context: WebhookContext) -> None:
     if context.github is None:
         log.info("commands in a comment ignored: the GitHub App is not configured")
         return
+    if context.store is not None:
+        # Only a delivery's body is signed, so the same comment can arrive again under a
+        # new delivery id (replayed by someone who saw it). Its commands act for the
+        # first delivery only; that one, processed again after a crash, goes on, as
+        # handlers tolerate running twice.
+        delivery = str(event.delivery_id)
+        first = await context.store.claim_comment(int(comment["id"]), delivery, context.clock.now())
+        if first != delivery:
+            log.info(
+                "commands of comment %s ignored: acted on by delivery %s already",
+                comment["id"],
+                first,
+            )
+            return
     installation_id = int(data["installation"]["id"])
     repo = str(data["repository"]["full_name"])
     issue = data["issue"]

@@ -28,7 +28,7 @@ from app.clock import Clock, isoformat
 from app.github.auth import InstallationSuspended
 from app.github.client import GitHubClient, GitHubRateLimited, GitHubUnavailable
 from app.logs import get_logger
-from app.store import Effect, NewEffect, Store
+from app.store import BUSY_PAUSE, Effect, NewEffect, Store, StoreBusy
 
 if TYPE_CHECKING:
     from app.github.app import GitHubApp
@@ -529,14 +529,19 @@ class OutboxWorker:
         try:
             while True:
                 self.outbox.wake.clear()
-                await self.run_once()
-                today = self.clock.now().date()
-                if last_prune != today:
-                    pruned = await self.store.prune_effects(self.clock.now() - KEEP_DONE)
-                    last_prune = today
-                    if pruned:
-                        log.info("forgot %d applied outbox entries older than 7 days", pruned)
-                await self._idle()
+                try:
+                    await self.run_once()
+                    today = self.clock.now().date()
+                    if last_prune != today:
+                        pruned = await self.store.prune_effects(self.clock.now() - KEEP_DONE)
+                        last_prune = today
+                        if pruned:
+                            log.info("forgot %d applied outbox entries older than 7 days", pruned)
+                    await self._idle()
+                except StoreBusy as exc:
+                    # Another process holds the database; GitHub's changes wait a moment.
+                    log.warning("outbox: %s; trying again in %.0fs", exc, BUSY_PAUSE)
+                    await asyncio.sleep(BUSY_PAUSE)
         finally:
             await self.stop()
 
@@ -570,7 +575,10 @@ class OutboxWorker:
             self.outbox.wake.set()
 
     async def _idle(self) -> None:
-        due = await self.store.next_effect_due()
+        # A lane still applying its installation's entries wakes this loop when it ends;
+        # counting its entries as due would make the loop spin until then.
+        busy = [i for i, lane in self._lanes.items() if not lane.done()]
+        due = await self.store.next_effect_due(skip_installations=busy)
         wait = self.idle_check
         if due is not None:
             wait = min(wait, max(0.0, (due - self.clock.now()).total_seconds()))

@@ -51,7 +51,15 @@ from app.rollouts.controller import (
     RolloutView,
     Transition,
 )
-from app.store import EventRecord, NewEffect, Rollout, Store, TrackingIssue
+from app.store import (
+    BUSY_PAUSE,
+    EventRecord,
+    NewEffect,
+    Rollout,
+    Store,
+    StoreBusy,
+    TrackingIssue,
+)
 
 if TYPE_CHECKING:
     from app.pipeline import UpdatePipeline
@@ -193,6 +201,15 @@ def _verdict(v: Any) -> str:
     return f"❌ rollback: {text}"
 
 
+def _next_detail(view: RolloutView) -> str:
+    """The next step in words: the controller's, Markdown-safe, but for a freeze's reason
+    in them, which is whatever the person who froze rollouts typed."""
+    detail = view.next_step.detail
+    if view.frozen is not None and view.frozen.reason:
+        detail = detail.replace(view.frozen.reason, escape_for_comment(view.frozen.reason, 300))
+    return detail
+
+
 def render_body(
     view: RolloutView,
     settings: Settings,
@@ -212,7 +229,7 @@ def render_body(
     ]
     step = view.next_step
     when = f" at {_time(step.at)}" if step.at else ""
-    lines += [f"**Next:** {step.action}{when}: {step.detail}.", ""]
+    lines += [f"**Next:** {step.action}{when}: {_next_detail(view)}.", ""]
     if view.frozen is not None:
         lines += [
             f"> [!WARNING]\n> Rollouts are frozen since {_time(view.frozen.frozen_at)} by"
@@ -466,7 +483,8 @@ class TrackingSync:
         self.store = controller.store
         self.dirty: set[str] = set()
         self.wake = asyncio.Event()
-        self._sent: dict[str, str] = {}  # rollout id -> digest of the last body sent
+        # Rollout id -> digest of the last body sent ("" after forget: send it again).
+        self._sent: dict[str, str] = {}
         controller.listeners.append(self.changed)
 
     def changed(self, rollout: Rollout, events: Sequence[EventRecord]) -> None:
@@ -476,7 +494,7 @@ class TrackingSync:
     def forget(self, rollout_id: str) -> None:
         """Render this rollout's body again even if it seems unchanged (someone edited it
         on GitHub, or its issue is new)."""
-        self._sent.pop(rollout_id, None)
+        self._sent[rollout_id] = ""
         self.dirty.add(rollout_id)
         self.wake.set()
 
@@ -494,7 +512,14 @@ class TrackingSync:
                 self.dirty.add(r.rollout_id)
         last_refresh = self.clock.monotonic()
         while True:
-            await self.sync()
+            try:
+                await self.sync()
+            except StoreBusy as exc:
+                # Another process holds the database; the edits wait a moment (the
+                # rollouts not sent are still dirty).
+                log.warning("tracking issues: %s; trying again in %.0fs", exc, BUSY_PAUSE)
+                await asyncio.sleep(BUSY_PAUSE)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), REFRESH.total_seconds())
             self.wake.clear()
@@ -543,7 +568,13 @@ class TrackingSync:
             api_url=api_url,
         )
         digest = hashlib.sha256(body.encode()).hexdigest()
-        if self._sent.get(rollout_id) == digest:
+        sent = self._sent.get(rollout_id)
+        if sent == digest:
+            return 0
+        if sent is None and await self._written(tracking, body):
+            # First render since the service started, of a body that was written before
+            # (the start renders every recent rollout in case it missed a change).
+            self._sent[rollout_id] = digest
             return 0
         ref: dict[str, Any] = (
             {"issue_number": tracking.number}
@@ -555,6 +586,15 @@ class TrackingSync:
         )
         self._sent[rollout_id] = digest
         return 1
+
+    async def _written(self, tracking: TrackingIssue, body: str) -> bool:
+        """Whether the newest body edit written for this issue (by key or by number, as
+        ``edit_issue`` names it) is this body."""
+        targets = [created_issue_target(tracking.repo, tracking.key)]
+        if tracking.number is not None:
+            targets.append(issue_target(tracking.repo, tracking.number))
+        last = await self.store.replaceable_payload([f"{t}:body" for t in targets])
+        return last is not None and last.get("body") == body
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -656,7 +696,7 @@ def register_commands(
             )
         return (
             f"{rollout.state.replace('_', ' ')} at {_pct(rollout.percentage)},"
-            f" {view.included} org(s) included.{numbers} Next: {view.next_step.detail}."
+            f" {view.included} org(s) included.{numbers} Next: {_next_detail(view)}."
         )
 
     async def start(call: Invocation) -> str:
@@ -677,7 +717,10 @@ def register_commands(
     async def freeze(call: Invocation) -> str:
         if not call.command.args.strip():
             raise CommandRefused("a freeze needs a reason: `/freeze <reason>`.")
-        frozen = await controller.freeze(call.command.args.strip(), by=call.actor)
+        try:
+            frozen = await controller.freeze(call.command.args.strip(), by=call.actor)
+        except RolloutError as exc:  # a reason longer than one is kept
+            raise CommandRefused(escape_for_comment(str(exc), 300)) from None
         return f"rollouts are frozen: {escape_for_comment(frozen.reason, 300)}."
 
     async def unfreeze(call: Invocation) -> str:

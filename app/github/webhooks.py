@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,7 +20,7 @@ from app.github.commands import CommandRegistry, PermissionCache
 from app.github.outbox import Outbox, transient
 from app.logs import get_logger
 from app.metrics import Metrics
-from app.store import Delivery, NewEffect, Store
+from app.store import Delivery, NewEffect, Store, StoreBusy
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -38,7 +39,12 @@ RETRY_CEILING = timedelta(minutes=10)
 # delay a /rollback, not drop it.
 OUTAGE_PATIENCE = timedelta(days=1)
 KEEP_DELIVERIES = timedelta(days=30)
+# A processed delivery's payload is needed no more; it is dropped after a day (kept that
+# long for a look when something went wrong), its id kept for the 30 days above.
+KEEP_PAYLOADS = timedelta(days=1)
 BATCH = 50
+# The pause after another process kept the database locked past the busy timeout.
+BUSY_PAUSE = 1.0
 
 
 def signature_valid(secret: str, body: bytes, header: str) -> bool:
@@ -62,6 +68,9 @@ class WebhookContext:
     settings: Settings | None = None
     commands: CommandRegistry = field(default_factory=CommandRegistry)
     permissions: PermissionCache = field(default_factory=lambda: PermissionCache(Clock()))
+    # Where slash commands record which delivery acted on a comment (None: not recorded).
+    store: Store | None = None
+    clock: Clock = field(default_factory=Clock)
     effects: list[NewEffect] = field(default_factory=list)
 
     def for_delivery(self) -> WebhookContext:
@@ -148,15 +157,25 @@ class WebhookProcessor:
         last_prune = None
         while True:
             self.deliveries.wake.clear()
-            while batch := await self.store.due_deliveries(self.clock.now(), limit=BATCH):
-                for delivery in batch:
-                    await self.process(delivery)
-            today = self.clock.now().date()
-            if last_prune != today:
-                pruned = await self.store.prune_deliveries(self.clock.now() - KEEP_DELIVERIES)
-                last_prune = today
-                if pruned:
-                    log.info("forgot %d delivery id(s) older than 30 days", pruned)
+            try:
+                while batch := await self.store.due_deliveries(self.clock.now(), limit=BATCH):
+                    for delivery in batch:
+                        await self.process(delivery)
+                today = self.clock.now().date()
+                if last_prune != today:
+                    now = self.clock.now()
+                    pruned = await self.store.prune_deliveries(
+                        now - KEEP_DELIVERIES, payloads_before=now - KEEP_PAYLOADS
+                    )
+                    last_prune = today
+                    if pruned:
+                        log.info("forgot %d delivery id(s) older than 30 days", pruned)
+            except StoreBusy as exc:
+                # Another process held the database: a delivery not marked done is still
+                # pending, and is processed again in a moment (handlers tolerate that).
+                log.warning("webhook worker: %s; trying again in %.0fs", exc, BUSY_PAUSE)
+                await asyncio.sleep(BUSY_PAUSE)
+                continue
             await self._idle()
 
     async def _idle(self) -> None:
@@ -168,13 +187,18 @@ class WebhookProcessor:
             await asyncio.wait_for(self.deliveries.wake.wait(), wait)
 
     async def process(self, delivery: Delivery) -> None:
-        event = sansio.Event(
-            orjson.loads(delivery.payload), event=delivery.event, delivery_id=delivery.delivery_id
-        )
-        if not self.router.fetch(event):
-            log.debug("no handler for %s (%s)", delivery.event, delivery.delivery_id)
         context = self.context.for_delivery()
         try:
+            # All inside the try: gidgethub's router reads the payload too (it raises on
+            # an action that is a list), and nothing a stored payload holds may stop the
+            # worker; intake refuses such payloads, but some were stored before it did.
+            event = sansio.Event(
+                orjson.loads(delivery.payload),
+                event=delivery.event,
+                delivery_id=delivery.delivery_id,
+            )
+            if not self.router.fetch(event):
+                log.debug("no handler for %s (%s)", delivery.event, delivery.delivery_id)
             await self.router.dispatch(event, context)
         except Exception as exc:
             await self._failed(delivery, exc)
@@ -219,6 +243,51 @@ class WebhookProcessor:
             self.metrics.webhook_deliveries.labels(delivery.event, "retried").inc()
 
 
+# An owner (a user, organisation or managed user), a slash, a repository name.
+_FULL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+")
+
+
+def payload_problem(data: Any) -> str | None:
+    """What is wrong with the parts of a payload that handlers take as given (GitHub
+    always sends them so): an object, with a string ``action``, an ``installation`` with
+    an integer ``id``, a ``repository`` named ``owner/name`` and a ``sender`` object,
+    each where present. None when they are fine."""
+    if not isinstance(data, Mapping):
+        return "the payload is not a JSON object"
+    if "action" in data and not isinstance(data["action"], str):
+        return "action: not a string"
+    if "installation" in data:
+        installation = data["installation"]
+        if not isinstance(installation, Mapping) or type(installation.get("id")) is not int:
+            return "installation.id: not an integer"
+    if "repository" in data and (problem := _repository_problem(data["repository"])):
+        return f"repository{problem}"
+    # Installation events list repositories, which are stored as they come.
+    for key in ("repositories", "repositories_added", "repositories_removed"):
+        listed = data.get(key)
+        if listed is None:
+            continue
+        if not isinstance(listed, list):
+            return f"{key}: not a list"
+        for index, repository in enumerate(listed):
+            if problem := _repository_problem(repository, needs_id=True):
+                return f"{key}[{index}]{problem}"
+    if "sender" in data and not isinstance(data["sender"], Mapping):
+        return "sender: not an object"
+    return None
+
+
+def _repository_problem(repository: Any, *, needs_id: bool = False) -> str | None:
+    if not isinstance(repository, Mapping):
+        return ": not an object"
+    name = repository.get("full_name")
+    if not isinstance(name, str) or not _FULL_NAME.fullmatch(name):
+        return ".full_name: not a repository's owner/name"
+    if needs_id and type(repository.get("id")) is not int:
+        return ".id: not an integer"
+    return None
+
+
 def delivery_fields(data: Any) -> tuple[str | None, int | None]:
     """A payload's ``action`` and installation id, when it has them."""
     if not isinstance(data, Mapping):
@@ -228,5 +297,6 @@ def delivery_fields(data: Any) -> tuple[str | None, int | None]:
     installation_id = installation.get("id") if isinstance(installation, Mapping) else None
     return (
         action if isinstance(action, str) else None,
-        installation_id if isinstance(installation_id, int) else None,
+        # JSON's true is a Python int too, but no installation's id.
+        installation_id if type(installation_id) is int else None,
     )

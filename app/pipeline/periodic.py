@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from app.logs import get_logger
+from app.store import BUSY_PAUSE, StoreBusy
 
 if TYPE_CHECKING:
     from app.pipeline import UpdatePipeline
@@ -18,7 +19,8 @@ log = get_logger("pipeline.periodic")
 class Periodic:
     """Runs ``work`` at start and every ``interval`` after. An exception of a kind listed
     in ``survives`` (an outage, say) is logged and passed to ``on_error``, and the next
-    round tries again; anything else ends the task and marks the pipeline unhealthy."""
+    round tries again; anything else ends the task and marks the pipeline unhealthy. A
+    database kept locked by another process (StoreBusy) is tried again a second later."""
 
     def __init__(
         self,
@@ -45,6 +47,12 @@ class Periodic:
         while True:
             try:
                 await self.work()
+            except StoreBusy as exc:
+                # Another process held the database past the busy timeout: try again in
+                # a moment rather than a whole interval later.
+                log.warning("%s: %s; trying again in %.0fs", self.name, exc, BUSY_PAUSE)
+                await asyncio.sleep(BUSY_PAUSE)
+                continue
             except self.survives as exc:
                 log.warning("%s failed, trying again in %s: %s", self.name, self.interval, exc)
                 if self.on_error is not None:

@@ -50,6 +50,7 @@ from app.store import (
     RolloutChange,
     StaleRollout,
     Store,
+    StoreBusy,
     TrackingIssue,
 )
 
@@ -63,6 +64,11 @@ STATES = ("pending", "rolling_out", "paused", "completed", "rolled_back")
 AUTO = "auto"
 # How often the controller looks again when nothing is due (deadlines wake it sooner).
 RECHECK = timedelta(minutes=1)
+# The pause after another process kept the database locked past the busy timeout.
+BUSY_PAUSE = 1.0
+# The longest reason kept (pause, rollback, freeze, a forced start): what the API takes,
+# and a slash command's line, which may be far longer, is held to the same.
+MAX_REASON = 500
 
 
 class RolloutError(Exception):
@@ -75,6 +81,11 @@ class RolloutError(Exception):
 class NotFound(RolloutError):
     status = 404
     code = "NOT_FOUND"
+
+
+def _check_reason(reason: str | None) -> None:
+    if reason is not None and len(reason) > MAX_REASON:
+        raise RolloutError(f"reason: {len(reason):,} characters, at most {MAX_REASON}")
 
 
 class Refused(RolloutError):
@@ -235,6 +246,7 @@ class RolloutController:
             )
         if force and not (reason or "").strip():
             raise RolloutError("reason: a forced rollout needs a reason")
+        _check_reason(reason)
         if once is not None and (done := await self.store.command_done(once)):
             return await self._get(done)
         async with self.lock:
@@ -307,6 +319,7 @@ class RolloutController:
     ) -> Rollout:
         """Halt at the current percentage: no new inclusions, the stage's clock stopped;
         included orgs stay on the build."""
+        _check_reason(reason)
         async with self.lock:
             r = await self._get(rollout_id)
             if once is not None and await self.store.command_done(once):
@@ -412,6 +425,7 @@ class RolloutController:
         restores the channel's previous recommendation and voids approvals)."""
         if not reason.strip():
             raise RolloutError("reason: a rollback needs a reason")
+        _check_reason(reason)
         async with self.lock:
             r = await self._get(rollout_id)
             if once is not None and await self.store.command_done(once):
@@ -559,16 +573,19 @@ class RolloutController:
         """Stop every rollout from starting or advancing (automatic rollbacks go on)."""
         if not reason.strip():
             raise RolloutError("reason: a freeze needs a reason")
+        _check_reason(reason)
         now = self.clock.now()
-        events = await self.store.set_freeze(
-            Freeze(reason.strip(), by, now), now, by=by, keep_events=self.bus.keep
-        )
+        written = Freeze(reason.strip(), by, now)
+        events = await self.store.set_freeze(written, now, by=by, keep_events=self.bus.keep)
         self.bus.deliver(events)
-        current = await self.store.get_freeze()
-        assert current is not None
         if events:
             log.warning("rollouts frozen by %s: %s", by, reason)
-        return current
+            # Not read back: a read on the shared reader connection that overlaps another
+            # read still in progress sees that read's snapshot, from before this commit.
+            return written
+        # Already frozen: the standing freeze is the answer. None only if it was lifted (or
+        # written) concurrently, when this request's freeze is as good an answer.
+        return await self.store.get_freeze() or written
 
     async def unfreeze(self, *, by: str) -> bool:
         events = await self.store.set_freeze(
@@ -1082,7 +1099,13 @@ class RolloutTimer:
         controller = self.controller
         while True:
             controller.wake.clear()
-            due = await controller.step_all()
+            try:
+                due = await controller.step_all()
+            except StoreBusy as exc:
+                # Another process held the database: nothing was written; step again.
+                log.warning("rollout timer: %s; trying again in %.0fs", exc, BUSY_PAUSE)
+                await asyncio.sleep(BUSY_PAUSE)
+                continue
             wait = RECHECK.total_seconds()
             if due is not None:
                 wait = min(wait, max(0.0, (due - controller.clock.now()).total_seconds()))

@@ -1,6 +1,7 @@
 """Persistence: every SQL statement of the app lives in this package."""
 
 from app.store.base import (
+    BUSY_PAUSE,
     AlreadyDone,
     Approval,
     BuildRecord,
@@ -9,6 +10,7 @@ from app.store.base import (
     ChannelChange,
     ChannelRecord,
     Conflict,
+    DashboardSession,
     Delivery,
     Effect,
     EventRecord,
@@ -33,6 +35,7 @@ from app.store.base import (
     StaleRollout,
     StatusCounts,
     Store,
+    StoreBusy,
     StoreError,
     Sweep,
     SweepRepo,
@@ -44,6 +47,7 @@ from app.store.lock import InstanceLock
 from app.store.sqlite import SqliteStore
 
 __all__ = [
+    "BUSY_PAUSE",
     "AlreadyDone",
     "Approval",
     "BuildRecord",
@@ -52,6 +56,7 @@ __all__ = [
     "ChannelChange",
     "ChannelRecord",
     "Conflict",
+    "DashboardSession",
     "Delivery",
     "Effect",
     "EventRecord",
@@ -78,6 +83,7 @@ __all__ = [
     "StaleRollout",
     "StatusCounts",
     "Store",
+    "StoreBusy",
     "StoreError",
     "Sweep",
     "SweepRepo",

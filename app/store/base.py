@@ -12,6 +12,15 @@ class StoreError(Exception):
     """The database cannot be used (locked by another instance, too new, unreadable)."""
 
 
+class StoreBusy(StoreError):
+    """Another connection held the database's write lock for longer than the busy
+    timeout: nothing was written, and trying again shortly is the answer."""
+
+
+# Seconds a background loop waits after StoreBusy before it tries again.
+BUSY_PAUSE = 1.0
+
+
 class Conflict(Exception):
     """A unique key is already taken; ``key`` names the clashing value."""
 
@@ -41,6 +50,19 @@ class TokenRecord:
     expires_at: datetime | None
     last_used_at: datetime | None
     revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardSession:
+    """A signed-in dashboard browser, found by the SHA-256 of its cookie's session id."""
+
+    id_hash: str
+    kind: str  # github or token
+    login: str  # the GitHub login, or the API token's name
+    level: str  # a token's role, or the GitHub permission read at sign-in
+    token_id: int | None  # the API token a token session was made from
+    created_at: datetime
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,6 +500,18 @@ class Store(Protocol):
     async def revoke_token(self, name: str, at: datetime) -> TokenRecord | None: ...
     async def touch_token(self, token_id: int, at: datetime) -> None: ...
 
+    # Dashboard sessions
+    async def add_session(self, session: DashboardSession) -> None:
+        """Store a new session, deleting the expired ones in the same transaction."""
+        ...
+
+    async def session_by_hash(self, id_hash: str, now: datetime) -> DashboardSession | None:
+        """The live session with this hash: not expired, and its token (if it was made
+        from one) neither revoked nor expired."""
+        ...
+
+    async def delete_session(self, id_hash: str) -> bool: ...
+
     # Event log
     async def append_event(
         self, type: str, data: Mapping[str, Any], at: datetime, *, keep: int
@@ -685,7 +719,18 @@ class Store(Protocol):
     async def list_deliveries(
         self, *, status: str | None, before: str | None, limit: int
     ) -> list[Delivery]: ...
-    async def prune_deliveries(self, older_than: datetime) -> int: ...
+    async def prune_deliveries(
+        self, older_than: datetime, *, payloads_before: datetime | None = None
+    ) -> int:
+        """Forget processed deliveries received before ``older_than``, and the payloads of
+        those processed before ``payloads_before``; how many were forgotten."""
+        ...
+
+    async def claim_comment(self, comment_id: int, delivery_id: str, at: datetime) -> str:
+        """Record ``delivery_id`` as the delivery acting on the comment's commands,
+        unless one is already; the delivery that is."""
+        ...
+
     async def delivery_counts(self) -> dict[str, int]: ...
     async def stored_delivery_ids(self, delivery_ids: Sequence[str]) -> set[str]: ...
 
@@ -694,7 +739,9 @@ class Store(Protocol):
     async def due_effects(
         self, now: datetime, *, limit: int, skip_installations: Sequence[int] = ()
     ) -> list[Effect]: ...
-    async def next_effect_due(self) -> datetime | None: ...
+    async def next_effect_due(
+        self, *, skip_installations: Sequence[int] = ()
+    ) -> datetime | None: ...
     async def start_effect(self, effect_id: int, at: datetime) -> Effect | None: ...
     async def finish_effect(
         self, effect: Effect, result: Mapping[str, Any] | None, at: datetime
@@ -703,6 +750,9 @@ class Store(Protocol):
         self, effect_id: int, error: str, *, retry_at: datetime | None, at: datetime
     ) -> None: ...
     async def effect_result(self, target: str, kind: str) -> Mapping[str, Any] | None: ...
+    async def replaceable_payload(
+        self, replace_keys: Sequence[str]
+    ) -> Mapping[str, Any] | None: ...
     async def effect_exists(self, target: str, kind: str) -> bool: ...
     async def outbox_stats(self) -> OutboxStats: ...
     async def list_effects(

@@ -545,6 +545,45 @@ MIGRATIONS += (
         CREATE INDEX sweep_runs_state ON sweep_runs (state);
         """,
     ),
+    Migration(
+        13,
+        "the delivery that acted on each comment's slash commands; indexes to prune deliveries",
+        """
+        -- Only a delivery's body is signed, so an old comment can arrive again under a
+        -- new delivery id; its commands are acted on by the first delivery only.
+        CREATE TABLE comment_commands (
+            comment_id  INTEGER PRIMARY KEY,
+            delivery_id TEXT NOT NULL,
+            at          TEXT NOT NULL
+        );
+        CREATE INDEX comment_commands_at ON comment_commands (at);
+
+        -- The daily dropping of processed deliveries' payloads, which a month of
+        -- deliveries would otherwise make a scan of the whole table under the write lock
+        -- (their age has its index since migration 3).
+        CREATE INDEX webhook_deliveries_payload ON webhook_deliveries (finished_at)
+            WHERE status = 'done' AND payload != '{}';
+        """,
+    ),
+    Migration(
+        14,
+        "dashboard sign-in sessions",
+        """
+        -- A signed-in dashboard browser. Only the SHA-256 of the random session id the
+        -- cookie carries is kept, so a copy of the database signs no one in. A session
+        -- made from an API token ends with that token (revoked, expired).
+        CREATE TABLE dashboard_sessions (
+            id_hash    TEXT PRIMARY KEY,
+            kind       TEXT NOT NULL CHECK (kind IN ('github', 'token')),
+            login      TEXT NOT NULL,
+            level      TEXT NOT NULL,
+            token_id   INTEGER REFERENCES api_tokens (id),
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL
+        );
+        CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions (expires_at);
+        """,
+    ),
 )
 
 LATEST_SCHEMA = MIGRATIONS[-1].version

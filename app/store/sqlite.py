@@ -6,7 +6,7 @@ import asyncio
 import json
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ from app.store.base import (
     ChannelChange,
     ChannelRecord,
     Conflict,
+    DashboardSession,
     Delivery,
     Effect,
     EventRecord,
@@ -48,6 +49,7 @@ from app.store.base import (
     StageSessions,
     StaleRollout,
     StatusCounts,
+    StoreBusy,
     StoreError,
     Sweep,
     SweepRepo,
@@ -102,7 +104,7 @@ class SqliteStore:
         # Reads that must agree with each other take a read transaction, on a connection
         # of their own: a transaction open on the shared reader would show every other
         # read that old snapshot too (a delivery already processed would look pending).
-        self._r = reader
+        self._r = _Reader(reader)
         self._s = snapshots
         self._write_lock = asyncio.Lock()
         self._snapshot_lock = asyncio.Lock()
@@ -177,7 +179,15 @@ class SqliteStore:
                 if self._w.in_transaction:
                     await self._w.execute("ROLLBACK")
             self._interrupted = True
-            await self._w.execute("BEGIN IMMEDIATE")
+            try:
+                await self._w.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    raise StoreBusy(
+                        f"database {self.path.name} is locked by another connection"
+                        f" (waited {BUSY_TIMEOUT_MS} ms)"
+                    ) from exc
+                raise
             try:
                 yield self._w
             except BaseException:
@@ -255,6 +265,59 @@ class SqliteStore:
             await db.execute(
                 "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (isoformat(at), token_id)
             )
+
+    # -- Dashboard sessions -------------------------------------------------------------
+
+    async def add_session(self, session: DashboardSession) -> None:
+        async with self._transaction() as db:
+            # Expired sessions go as new ones arrive: no timer needed, and the table stays
+            # the size of the sessions alive.
+            await db.execute(
+                "DELETE FROM dashboard_sessions WHERE expires_at <= ?",
+                (isoformat(session.created_at),),
+            )
+            await db.execute(
+                "INSERT INTO dashboard_sessions (id_hash, kind, login, level, token_id,"
+                " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session.id_hash,
+                    session.kind,
+                    session.login,
+                    session.level,
+                    session.token_id,
+                    isoformat(session.created_at),
+                    isoformat(session.expires_at),
+                ),
+            )
+
+    async def session_by_hash(self, id_hash: str, now: datetime) -> DashboardSession | None:
+        moment = isoformat(now)
+        async with self._r.execute(
+            "SELECT s.* FROM dashboard_sessions s WHERE s.id_hash = ? AND s.expires_at > ?"
+            " AND (s.token_id IS NULL OR EXISTS (SELECT 1 FROM api_tokens t"
+            " WHERE t.id = s.token_id AND t.revoked_at IS NULL"
+            " AND (t.expires_at IS NULL OR t.expires_at > ?)))",
+            (id_hash, moment, moment),
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return DashboardSession(
+            id_hash=row["id_hash"],
+            kind=row["kind"],
+            login=row["login"],
+            level=row["level"],
+            token_id=row["token_id"],
+            created_at=parse_iso(row["created_at"]),
+            expires_at=parse_iso(row["expires_at"]),
+        )
+
+    async def delete_session(self, id_hash: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM dashboard_sessions WHERE id_hash = ?", (id_hash,)
+            )
+            return cursor.rowcount > 0
 
     # -- Event log --------------------------------------------------------------------
 
@@ -515,11 +578,14 @@ class SqliteStore:
         batch: list[tuple[Heartbeat, asyncio.Future[None]]] = []
         try:
             while self._heartbeat_queue:
+                batch = []
                 try:
                     async with self._transaction() as db:
                         batch, self._heartbeat_queue = self._heartbeat_queue, []
                         await _insert_heartbeats(db, [h for h, _ in batch])
                 except Exception as exc:
+                    if not batch:  # it could not begin (locked): those waiting fail now
+                        batch, self._heartbeat_queue = self._heartbeat_queue, []
                     for _, waiter in batch:
                         if not waiter.done():
                             waiter.set_exception(exc)
@@ -1528,6 +1594,7 @@ class SqliteStore:
         batch: list[tuple[Delivery, asyncio.Future[bool]]] = []
         try:
             while self._delivery_queue:
+                batch = []
                 try:
                     async with self._transaction() as db:
                         # Taken with the write lock held: everything queued until the
@@ -1535,6 +1602,8 @@ class SqliteStore:
                         batch, self._delivery_queue = self._delivery_queue, []
                         stored = await _insert_deliveries(db, [d for d, _ in batch])
                 except Exception as exc:
+                    if not batch:  # it could not begin (locked): those waiting fail now
+                        batch, self._delivery_queue = self._delivery_queue, []
                     _settle(batch, exc)
                     continue
                 for (_, waiter), new in zip(batch, stored, strict=True):
@@ -1565,30 +1634,41 @@ class SqliteStore:
         self, delivery_id: str, at: datetime, effects: Sequence[NewEffect] = ()
     ) -> None:
         """Mark a delivery processed and queue the GitHub side effects its handlers chose,
-        together: a crash leaves either both or neither."""
+        together: a crash leaves either both or neither.
+
+        Only a pending delivery is completed. The worker can be handed one it has just
+        completed (a read on the shared reader connection that overlaps another one still
+        in progress sees that one's snapshot, from before the completion's commit); its
+        handlers then ran again, which they tolerate, but their effects are not queued
+        twice (they would be a second reply, and so on)."""
         async with self._transaction() as db:
-            await db.execute(
+            cursor = await db.execute(
                 "UPDATE webhook_deliveries SET status = 'done', attempts = attempts + 1,"
-                " finished_at = ?, last_error = NULL WHERE delivery_id = ?",
+                " finished_at = ?, last_error = NULL WHERE delivery_id = ? AND status = 'pending'",
                 (isoformat(at), delivery_id),
             )
+            if cursor.rowcount == 0:
+                log.warning("delivery %s was completed already; not completed again", delivery_id)
+                return
             await _insert_effects(db, effects, at)
 
     async def fail_delivery(
         self, delivery_id: str, error: str, *, retry_at: datetime | None, at: datetime
     ) -> None:
-        """Record a failed attempt: due again at ``retry_at``, or parked when None."""
+        """Record a failed attempt: due again at ``retry_at``, or parked when None. A
+        delivery no longer pending (completed, as ``finish_delivery`` explains) stays as
+        it is."""
         async with self._transaction() as db:
             if retry_at is None:
                 await db.execute(
                     "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1,"
-                    " last_error = ?, finished_at = ? WHERE delivery_id = ?",
+                    " last_error = ?, finished_at = ? WHERE delivery_id = ? AND status = 'pending'",
                     (error, isoformat(at), delivery_id),
                 )
             else:
                 await db.execute(
                     "UPDATE webhook_deliveries SET attempts = attempts + 1, last_error = ?,"
-                    " next_attempt_at = ? WHERE delivery_id = ?",
+                    " next_attempt_at = ? WHERE delivery_id = ? AND status = 'pending'",
                     (error, isoformat(retry_at), delivery_id),
                 )
 
@@ -1597,7 +1677,9 @@ class SqliteStore:
             self._transaction() as db,
             db.execute(
                 "UPDATE webhook_deliveries SET status = 'pending', attempts = 0,"
-                " next_attempt_at = ?, finished_at = NULL WHERE delivery_id = ? RETURNING *",
+                " next_attempt_at = ?, finished_at = NULL WHERE delivery_id = ?"
+                # A processed delivery whose payload was dropped has nothing left to run.
+                " AND payload != '{}' RETURNING *",
                 (isoformat(at), delivery_id),
             ) as cursor,
         ):
@@ -1646,13 +1728,39 @@ class SqliteStore:
                 found.update(row[0] for row in await cursor.fetchall())
         return found
 
-    async def prune_deliveries(self, older_than: datetime) -> int:
+    async def prune_deliveries(
+        self, older_than: datetime, *, payloads_before: datetime | None = None
+    ) -> int:
         async with self._transaction() as db:
             cursor = await db.execute(
                 "DELETE FROM webhook_deliveries WHERE status != 'pending' AND received_at < ?",
                 (isoformat(older_than),),
             )
-            return cursor.rowcount
+            pruned = cursor.rowcount
+            if payloads_before is not None:
+                # Only the id of a processed delivery matters after that (a copy of it
+                # is not processed again); its payload is most of its size.
+                await db.execute(
+                    "UPDATE webhook_deliveries SET payload = '{}'"
+                    " WHERE status = 'done' AND finished_at < ? AND payload != '{}'",
+                    (isoformat(payloads_before),),
+                )
+            await db.execute("DELETE FROM comment_commands WHERE at < ?", (isoformat(older_than),))
+            return pruned
+
+    async def claim_comment(self, comment_id: int, delivery_id: str, at: datetime) -> str:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO comment_commands (comment_id, delivery_id, at) VALUES (?, ?, ?)"
+                " ON CONFLICT (comment_id) DO NOTHING",
+                (comment_id, delivery_id, isoformat(at)),
+            )
+            async with db.execute(
+                "SELECT delivery_id FROM comment_commands WHERE comment_id = ?", (comment_id,)
+            ) as cursor:
+                row = await cursor.fetchone()
+            assert row is not None  # inserted above, or there before
+            return str(row[0])
 
     # -- Outbox ------------------------------------------------------------------------------
 
@@ -1666,21 +1774,18 @@ class SqliteStore:
         """The first pending entry of each target, when it is due and its installation is
         not suspended: later entries of a target wait for the earlier ones."""
         async with self._r.execute(
-            "SELECT o.* FROM outbox o JOIN (SELECT target, min(id) AS id FROM outbox"
-            " WHERE status = 'pending' GROUP BY target) head ON head.id = o.id"
-            " WHERE o.next_attempt_at <= ?"
-            " AND o.installation_id NOT IN (SELECT id FROM installations WHERE suspended = 1)"
-            " AND o.installation_id NOT IN (SELECT value FROM json_each(?))"
-            " ORDER BY o.id LIMIT ?",
-            (isoformat(now), json.dumps(list(skip_installations)), limit),
+            f"SELECT o.* FROM {_HEADS} AND o.next_attempt_at <= ? ORDER BY o.id LIMIT ?",  # noqa: S608
+            (json.dumps(list(skip_installations)), isoformat(now), limit),
         ) as cursor:
             return [_effect(row) for row in await cursor.fetchall()]
 
-    async def next_effect_due(self) -> datetime | None:
+    async def next_effect_due(self, *, skip_installations: Sequence[int] = ()) -> datetime | None:
+        """When the next entry ``due_effects`` would give becomes due: entries behind
+        another of their target wait for it, not for a time."""
         value = await _scalar(
             self._r,
-            "SELECT min(next_attempt_at) FROM outbox WHERE status = 'pending'"
-            " AND installation_id NOT IN (SELECT id FROM installations WHERE suspended = 1)",
+            f"SELECT min(o.next_attempt_at) FROM {_HEADS}",  # noqa: S608
+            (json.dumps(list(skip_installations)),),
         )
         return parse_iso(value) if value else None
 
@@ -1742,6 +1847,17 @@ class SqliteStore:
             "SELECT result FROM outbox WHERE target = ? AND kind = ? AND status = 'done'"
             " AND result IS NOT NULL ORDER BY id DESC LIMIT 1",
             (target, kind),
+        )
+        return json.loads(value) if value else None
+
+    async def replaceable_payload(self, replace_keys: Sequence[str]) -> Mapping[str, Any] | None:
+        """The payload of the newest entry written under one of these replace keys,
+        pending or applied (not parked)."""
+        value = await _scalar(
+            self._r,
+            "SELECT payload FROM outbox WHERE replace_key IN (SELECT value FROM json_each(?))"
+            " AND status != 'failed' ORDER BY id DESC LIMIT 1",
+            (json.dumps(list(replace_keys)),),
         )
         return json.loads(value) if value else None
 
@@ -1814,12 +1930,21 @@ async def _insert_effects(
     for effect in effects:
         payload = json.dumps(effect.payload, separators=(",", ":"), sort_keys=True)
         if effect.replace_key is not None:
-            cursor = await db.execute(
-                "UPDATE outbox SET payload = ?, revision = revision + 1, next_attempt_at = ?"
-                " WHERE replace_key = ? AND status = 'pending'",
-                (payload, isoformat(at), effect.replace_key),
+            waiting = await _scalar(
+                db,
+                "SELECT payload FROM outbox WHERE replace_key = ? AND status = 'pending'",
+                (effect.replace_key,),
             )
-            if cursor.rowcount:
+            if waiting == payload:
+                # The same change is already waiting: a new revision would only make an
+                # attempt in progress count for nothing (after every restart, say).
+                continue
+            if waiting is not None:
+                await db.execute(
+                    "UPDATE outbox SET payload = ?, revision = revision + 1, next_attempt_at = ?"
+                    " WHERE replace_key = ? AND status = 'pending'",
+                    (payload, isoformat(at), effect.replace_key),
+                )
                 continue
         await db.execute(
             "INSERT INTO outbox (installation_id, target, kind, payload, replace_key,"
@@ -1834,6 +1959,24 @@ async def _insert_effects(
                 isoformat(at),
             ),
         )
+
+
+# The outbox entries that may be applied next: the first pending entry of each target,
+# of an installation neither suspended nor skipped (parameter: a JSON list of ids). A
+# tracking issue has two targets, its key's until GitHub has given it a number and that
+# number's after (app/github/outbox.py writes them as "repo#key:KEY" and "repo#NUMBER"):
+# an entry waits for the earlier entries of the other one too, so that what is said on
+# the issue keeps the order it was written in.
+_HEADS = (
+    "outbox o JOIN (SELECT target, min(id) AS id FROM outbox WHERE status = 'pending'"
+    " GROUP BY target) head ON head.id = o.id"
+    " WHERE o.installation_id NOT IN (SELECT id FROM installations WHERE suspended = 1)"
+    " AND o.installation_id NOT IN (SELECT value FROM json_each(?))"
+    " AND NOT EXISTS (SELECT 1 FROM tracking_issues t JOIN outbox e ON e.status = 'pending'"
+    " AND e.id < o.id AND e.target IN (t.repo || '#key:' || t.issue_key,"
+    " t.repo || '#' || t.issue_number) WHERE t.issue_number IS NOT NULL"
+    " AND o.target IN (t.repo || '#key:' || t.issue_key, t.repo || '#' || t.issue_number))"
+)
 
 
 def _effect(row: sqlite3.Row) -> Effect:
@@ -2229,13 +2372,87 @@ async def _count(db: aiosqlite.Connection, table: str, states: Sequence[str]) ->
     return int(await _scalar(db, sql, tuple(states)))
 
 
-async def _scalar(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY (or LOCKED): another connection kept the lock past the busy timeout."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return "locked" in str(exc)
+    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class _Rows:
+    """A query's rows, all read in the call that ran it: a cursor over them to iterate."""
+
+    def __init__(self, rows: Iterable[sqlite3.Row]) -> None:
+        self._rows = list(rows)
+        self._next = 0
+
+    async def __aenter__(self) -> _Rows:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def fetchone(self) -> sqlite3.Row | None:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    async def fetchall(self) -> list[sqlite3.Row]:
+        rest, self._next = self._rows[self._next :], len(self._rows)
+        return rest
+
+    def __aiter__(self) -> _Rows:
+        return self
+
+    async def __anext__(self) -> sqlite3.Row:
+        row = await self.fetchone()
+        if row is None:
+            raise StopAsyncIteration
+        return row
+
+
+class _Reader:
+    """The shared reader connection, each query run to its end in one call.
+
+    SQLite keeps a connection's read snapshot for as long as any of its statements is
+    open. A cursor left open across an await (between a fetchone and the cursor's close,
+    say) would let the queries other tasks run meanwhile see that old snapshot, so a write
+    just committed could look undone. Reading every row in the call that runs the query
+    closes the statement before anything else runs on the connection.
+    """
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Pending:
+        return _Pending(self._db, sql, params)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+class _Pending:
+    """``async with reader.execute(...) as cursor``, as with an aiosqlite connection."""
+
+    def __init__(self, db: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> None:
+        self._db, self._sql, self._params = db, sql, params
+
+    async def __aenter__(self) -> _Rows:
+        return _Rows(await self._db.execute_fetchall(self._sql, self._params))
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def _scalar(db: aiosqlite.Connection | _Reader, sql: str, params: Sequence[Any] = ()) -> Any:
     async with db.execute(sql, params) as cursor:
         row = await cursor.fetchone()
     return row[0] if row else None
 
 
-async def _current_version(db: aiosqlite.Connection) -> int:
+async def _current_version(db: aiosqlite.Connection | _Reader) -> int:
     exists = await _scalar(
         db, "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
     )

@@ -40,6 +40,9 @@ _INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,99}")
 # included), so a typo is caught when the file is read rather than when a dispatch fails.
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 REF_MAX = 255
+# A YAML escape such as "\ud800" gives half of a UTF-16 pair, which no text can hold: it
+# could be neither stored as UTF-8 nor sent to GitHub.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # The schema is three levels deep; anything much deeper is a mistake or an attack, and
 # PyYAML's composer recurses once per level.
 _MAX_DEPTH = 16
@@ -144,6 +147,8 @@ def _ref(value: object) -> str | None:
 def _ref_problem(ref: str) -> str | None:
     if not 1 <= len(ref) <= REF_MAX:
         return f"it must be 1 to {REF_MAX} characters long"
+    if _SURROGATE.search(ref):
+        return "it contains an escaped lone surrogate (\\ud800 to \\udfff), which is not text"
     bad = _REF_FORBIDDEN.search(ref)
     if bad:
         return f"it contains {bad[0]!r}"
@@ -235,6 +240,10 @@ def _input_value(where: str, value: object) -> str:
         raise ConfigError(
             f"{where}: must be a string, number or boolean, not {_kind(value)}"
             " (quote it to pass it as text)"
+        )
+    if _SURROGATE.search(text):
+        raise ConfigError(
+            f"{where}: contains an escaped lone surrogate (\\ud800 to \\udfff), which is not text"
         )
     if len(text) > INPUT_VALUE_MAX:
         raise ConfigError(f"{where}: {len(text):,} characters long, at most {INPUT_VALUE_MAX:,}")

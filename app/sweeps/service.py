@@ -18,7 +18,16 @@ from app.clock import Clock
 from app.config import Settings
 from app.logs import get_logger
 from app.pipeline.events import EventBus
-from app.store import NewEffect, Rollout, Store, Sweep, SweepRepo, SweepRun
+from app.store import (
+    BUSY_PAUSE,
+    NewEffect,
+    Rollout,
+    Store,
+    StoreBusy,
+    Sweep,
+    SweepRepo,
+    SweepRun,
+)
 from app.sweeps.config import STANDARD_INPUTS, SweepConfig
 
 if TYPE_CHECKING:
@@ -106,6 +115,8 @@ class SweepService:
         self.configs: ConfigSource | None = None
         self.reporter: SweepReporter | None = None
         self.effects_written: Callable[[], None] | None = None
+        # Called with a sweep's id once it completes (the rollout gate looks again then).
+        self.finished: list[Callable[[str], None]] = []
         self.wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -360,6 +371,8 @@ class SweepService:
         self.bus.deliver(events)
         if effects and self.effects_written is not None:
             self.effects_written()
+        for listener in self.finished:
+            listener(sweep_id)
         log.info("sweep %s completed: %s", sweep_id, counts)
         return bool(events)
 
@@ -421,13 +434,19 @@ class SweepManager:
             await service.configs.read_unread()
         while True:
             service.wake.clear()
-            if service.reporter is not None:
-                await service.expire()
-                await service.pump()
-                for sweep in await service.store.live_sweeps():
-                    await service.finish_if_done(sweep.sweep_id)
+            try:
+                if service.reporter is not None:
+                    await service.expire()
+                    await service.pump()
+                    for sweep in await service.store.live_sweeps():
+                        await service.finish_if_done(sweep.sweep_id)
+                due = await service.store.next_sweep_deadline()
+            except StoreBusy as exc:
+                # Another process holds the database; dispatches wait a moment.
+                log.warning("sweeps: %s; trying again in %.0fs", exc, BUSY_PAUSE)
+                await asyncio.sleep(BUSY_PAUSE)
+                continue
             wait = RECHECK.total_seconds()
-            due = await service.store.next_sweep_deadline()
             if due is not None:
                 wait = min(wait, max(0.0, (due - service.clock.now()).total_seconds()))
             with contextlib.suppress(TimeoutError):

@@ -16,6 +16,7 @@ from app.logs import get_logger
 from app.pipeline.canary.metrics import TestResult, Thresholds, Verdict, judge
 from app.pipeline.events import EventBus
 from app.store import (
+    BUSY_PAUSE,
     BuildRecord,
     CanaryOutcome,
     CanaryRun,
@@ -25,6 +26,7 @@ from app.store import (
     NewCanaryRun,
     NewEffect,
     Store,
+    StoreBusy,
 )
 
 if TYPE_CHECKING:
@@ -388,9 +390,15 @@ class CanaryTimeouts:
     async def _loop(self) -> None:
         while True:
             self.canary.wake.clear()
-            await self.canary.expire_due()
+            try:
+                await self.canary.expire_due()
+                due = await self.canary.store.next_canary_deadline()
+            except StoreBusy as exc:
+                # Another process holds the database; its deadlines wait a moment.
+                log.warning("canary timeouts: %s; trying again in %.0fs", exc, BUSY_PAUSE)
+                await asyncio.sleep(BUSY_PAUSE)
+                continue
             wait = TIMEOUT_RECHECK.total_seconds()
-            due = await self.canary.store.next_canary_deadline()
             if due is not None:
                 wait = min(wait, max(0.0, (due - self.canary.clock.now()).total_seconds()))
             with contextlib.suppress(TimeoutError):

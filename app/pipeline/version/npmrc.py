@@ -33,7 +33,10 @@ CommandRunner = Callable[[Sequence[str], Mapping[str, str], Path], str | None]
 _ENV_PREFIX = "npm_config_"
 _ENV_REF = re.compile(r"(?<!\\)(\\*)\$\{([^${}?]+)(\?)?\}")
 _INI_LINE = re.compile(r"^\[([^\]]*)\]\s*$|^([^=]+)(=(.*))?$")
-_NAME_PART = r"[A-Za-z0-9~-][A-Za-z0-9._~-]*"
+# The characters npm's name rules allow (those encodeURIComponent leaves alone), not
+# starting with a dot: every name the providers file accepts (such as @_/x or @a!b/c)
+# has a registry URL, and none can leave its path segment.
+_NAME_PART = r"[A-Za-z0-9_~!*'()-][A-Za-z0-9._~!*'()-]*"
 _PACKAGE_NAME = re.compile(rf"^(?:(@{_NAME_PART})/)?({_NAME_PART})$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
