@@ -210,19 +210,28 @@ async def make_api(
         active = settings_override or settings
         store = await SqliteStore.open(active.db_path)
         services = Services.build(active, store, clock)
-        services.sse_keepalive_seconds = 0.2
-        if with_github:
-            # Pacing and back-off sleeps return at once (and are recorded).
-            services.github = GitHubApp.from_settings(active, clock, sleep=github_sleep)
-            components = [*github_components(services, commands), *components]
-        if oidc_issuer is not None:
-            session = aiohttp.ClientSession()
-            sessions.append(session)
-            services.oidc = OidcVerifier(oidc_issuer, session, clock)
-        if build is not None:  # components that need the services
-            components = [*components, *build(services)]
-        await start_pipeline(services, components)
-        client = await aiohttp_client(create_app(services))
+        try:
+            services.sse_keepalive_seconds = 0.2
+            if with_github:
+                # Pacing and back-off sleeps return at once (and are recorded).
+                services.github = GitHubApp.from_settings(active, clock, sleep=github_sleep)
+                components = [*github_components(services, commands), *components]
+            if oidc_issuer is not None:
+                session = aiohttp.ClientSession()
+                sessions.append(session)
+                services.oidc = OidcVerifier(oidc_issuer, session, clock)
+            if build is not None:  # components that need the services
+                components = [*components, *build(services)]
+            await start_pipeline(services, components)
+            client = await aiohttp_client(create_app(services))
+        except BaseException:
+            # A store left open keeps its writer threads alive, and pytest never exits.
+            if services.pipeline is not None:
+                await services.pipeline.stop()
+            if services.github is not None:
+                await services.github.close()
+            await store.close()
+            raise
         opened.append((store, services, client))
         openapi = await (await client.get(f"{PREFIX}/openapi.json")).json()
         return Api(client, services, openapi)
