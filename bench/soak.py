@@ -51,6 +51,7 @@ from heartbeats import (
     create_admin_token,
     fmt_ms,
     median_or_none,
+    met,
     p99_or_none,
 )
 from webhooks import (
@@ -871,10 +872,6 @@ def print_windows(soak: Soak) -> None:
             f"| {s.rows.get('session_counts', 0):,} | {s.rows.get('runners', 0):,} |"
         )
     print()
-
-
-def met(ok: bool) -> str:
-    return "met" if ok else "**not met**"
 
 
 def print_summary(soak: Soak, summary: Summary, args: argparse.Namespace) -> None:

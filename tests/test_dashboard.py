@@ -181,6 +181,7 @@ async def test_unknown_objects_are_404_pages(api: Api):
         "/dashboard/canaries/nope",
         "/dashboard/sweeps/nope",
         "/dashboard/rollouts/nope/pause",
+        "/dashboard/no/such/page",
     ):
         response, text = await browser.get(path)
         assert response.status == 404, path

@@ -44,3 +44,5 @@ def install(app: web.Application, services: Services) -> None:
     router.add_get("/dashboard/canaries/{buildId}", handlers.canary)
     router.add_get("/dashboard/sweeps/{sweepId}", handlers.sweep)
     router.add_static(STATIC, STATIC_DIR, append_version=False)
+    # Last, so it takes only what nothing above does: a page, not the API's JSON 404.
+    router.add_get("/dashboard/{rest:.*}", handlers.not_found)

@@ -395,3 +395,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
     redirect = web.HTTPSeeOther(LOGIN)
     dash.sessions.clear_cookie(redirect)
     raise redirect
+
+
+@guarded(VIEW)
+async def not_found(request: web.Request, dash: Dashboard, viewer: Viewer) -> web.StreamResponse:
+    return message_page("Not found", "No page has this address.", viewer, 404)
